@@ -1,0 +1,49 @@
+"""The backend interface: every model textseg runs turns (images, prompts) into per-prompt score maps.
+
+A backend is deliberately small. Batching, devices, dtypes, thresholds and resizing back to full image
+size live once, outside the backends (in `textseg.postprocess` and the runners), so adding a model means
+one file plus one registration in `textseg.models`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Literal
+
+import torch
+
+from textseg.models.input_spec import InputSpec
+
+ScoreKind = Literal["sigmoid", "softmax"]
+
+
+class SegmentationBackend(abc.ABC, torch.nn.Module):
+    """A text-prompted segmentation model.
+
+    Contract:
+    - `embed_prompts` is called once per actor (or per prompt set), never per image.
+    - `score(pixel_values, prompt_embeddings)` returns logits (B, P, h, w) for `score_kind == "sigmoid"`
+      (one independent score map per prompt), or (B, 1 + P, h, w) for `score_kind == "softmax"`
+      (channel 0 is background, scored against all prompts together). h, w is the model's own output
+      size; the caller resizes to each image's full size.
+    """
+
+    model_id: str
+    input_spec: InputSpec
+    score_kind: ScoreKind
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on the backend's device -> `pixel_values` (B, 3, H, W) in the weights' dtype."""
+        spec = self.input_spec
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) * spec.rescale_factor
+        mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(next(self.parameters()).dtype)
+
+    @abc.abstractmethod
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> (P, D) embeddings on the backend's device."""
+
+    @abc.abstractmethod
+    def score(self, pixel_values: torch.Tensor, prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) normalized per `input_spec` -> logits, shapes per the class docstring."""
