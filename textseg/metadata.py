@@ -1,0 +1,101 @@
+"""The Arrow schema of a metadata row, and run summaries (SPEC.md: What lands in DEST).
+
+Every image a run attempts gets exactly one row of this schema; `status` is `ok` or `error`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("relpath", pa.string(), nullable=False),
+        pa.field("mask_uri", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("class_names", pa.list_(pa.string())),
+        pa.field("class_pixel_fraction", pa.list_(pa.float32())),
+        pa.field("class_mean_score", pa.list_(pa.float32())),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("ontology_hash", pa.string(), nullable=False),
+        pa.field("source_fingerprint", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("labeled_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("duration_ms", pa.float32()),
+    ]
+)
+
+# What decides whether an image is already done (SPEC.md: Incremental by default).
+DONE_KEY_COLUMNS = ("relpath", "source_fingerprint", "model_id", "ontology_hash")
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """Sortable and unique: a UTC timestamp plus random hex, so two runs never share output names."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def metadata_dir(run_id: str) -> str:
+    return f"metadata/{run_id}"
+
+
+def summary_path(run_id: str) -> str:
+    return f"runs/{run_id}.json"
+
+
+@dataclass
+class RunSummary:
+    """What `DEST/runs/<run_id>.json` holds. listed == skipped + ok + error for a finished run."""
+
+    run_id: str
+    config: dict[str, Any]
+    versions: dict[str, str]
+    model_id: str
+    ontology_hash: str
+    class_names: list[str]
+    started_at: str
+    finished_at: str | None = None
+    listed: int = 0
+    skipped: int = 0
+    ok: int = 0
+    error: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    top_errors: list[tuple[str, int]] = field(default_factory=list)
+    status: str = "running"
+
+    @property
+    def attempted(self) -> int:
+        return self.ok + self.error
+
+    @property
+    def error_rate(self) -> float:
+        return self.error / self.attempted if self.attempted else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        total = self.timings_s.get("total", 0.0)
+        return self.attempted / total if total > 0 else 0.0
+
+    def to_json(self) -> str:
+        payload = asdict(self)
+        payload["images_per_s"] = round(self.images_per_s, 3)
+        return json.dumps(payload, indent=2, default=str)
+
+    def line(self) -> str:
+        """The closing summary line a run prints."""
+        return (
+            f"run {self.run_id}: listed {self.listed}, skipped {self.skipped} (already done), "
+            f"labeled {self.ok}, failed {self.error}, {self.images_per_s:.1f} images/s"
+        )

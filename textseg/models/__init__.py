@@ -1,0 +1,168 @@
+"""The model registry: `--model` -> a backend, like timm's `create_model(name)`.
+
+A model spec is one of:
+- `clipseg`: the published CLIPSeg checkpoint `CIDAS/clipseg-rd64-refined` from the Hugging Face hub;
+- `demo`: textseg's fusion model shipped inside the package (no download);
+- a local directory: its `config.json` says which backend (`model_type`: `clipseg` or `textseg_fusion`);
+- `hf-hub:ORG/NAME` or a bare `ORG/NAME`: a Hugging Face hub id, resolved the same way.
+
+Resolving a spec reads only small JSON files, never weights and never torch, so the driver can fail
+fast on an unknown model and tell the CPU decode tasks the model's input size before any actor starts.
+Adding a backend = one module with a `load(location, device)` function + one line in `_BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from textseg.models.input_spec import InputSpec, from_processor_config
+
+if TYPE_CHECKING:
+    from textseg.models.base import SegmentationBackend
+
+CLIPSEG_DEFAULT_ID = "CIDAS/clipseg-rd64-refined"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+
+# model_type in config.json -> "module:function" that loads it as a SegmentationBackend.
+_BACKENDS = {
+    "clipseg": "textseg.models.clipseg:load_clipseg",
+    "textseg_fusion": "textseg.models.fusion:load_fusion",
+}
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelError(ValueError):
+    """The --model value cannot be used; the message says why and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec: which backend, where its files are, and the id recorded in metadata."""
+
+    spec: str
+    backend: str
+    location: str  # a local directory or a hub id
+    model_id: str  # changes when the weights change, so incremental runs relabel with a new model
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        """A small JSON file of the model (config, processor config), or None if it has none."""
+        path = _fetch(self.location, filename)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as handle:
+            loaded: dict[str, Any] = json.load(handle)
+        return loaded
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """`--model` value -> ModelRef, reading config.json only. Raises ModelError with the fix."""
+    if spec == "clipseg":
+        return _resolve_location(spec, CLIPSEG_DEFAULT_ID)
+    if spec == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ModelError(f"the demo model is missing from the package ({DEMO_MODEL_DIR}); reinstall textseg")
+        return _resolve_location(spec, str(DEMO_MODEL_DIR))
+    if spec.startswith("hf-hub:"):
+        return _resolve_location(spec, spec.removeprefix("hf-hub:"))
+    if os.path.isdir(spec):
+        return _resolve_location(spec, str(Path(spec).resolve()))
+    if not _HUB_ID.fullmatch(spec):
+        raise ModelError(
+            f"--model {spec!r} is neither 'clipseg', 'demo', an existing local directory, "
+            "nor a Hugging Face id of the form ORG/NAME"
+        )
+    return _resolve_location(spec, spec)
+
+
+def read_input_spec(ref: ModelRef) -> InputSpec:
+    """The model's input size and normalization, from its `preprocessor_config.json` (torch-free)."""
+    processor = ref.read_json("preprocessor_config.json")
+    if processor is None:
+        raise ModelError(f"model {ref.spec!r} has no preprocessor_config.json; save its processor with it")
+    return from_processor_config(processor)
+
+
+def load_model(ref: ModelRef, device: str = "cpu") -> SegmentationBackend:
+    """Load the weights on `device` (imports torch and transformers; call it in the model actor)."""
+    module_name, function_name = _BACKENDS[ref.backend].split(":")
+    loader = getattr(importlib.import_module(module_name), function_name)
+    backend: SegmentationBackend = loader(ref.location, device=device)
+    backend.model_id = ref.model_id
+    expected = read_input_spec(ref)
+    if backend.input_spec != expected:
+        raise ModelError(
+            f"model {ref.spec!r}: the backend reads {backend.input_spec} but its processor config says "
+            f"{expected}; the decode tasks would resize wrongly"
+        )
+    return backend
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible to this process, else `cpu`."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_location(spec: str, location: str) -> ModelRef:
+    config = _fetch(location, "config.json")
+    if config is None:
+        raise ModelError(
+            f"cannot read config.json of model {spec!r} ({location}): for a hub id this machine needs "
+            "network access or a Hugging Face cache entry; otherwise pass a directory written by save_pretrained"
+        )
+    with open(config, encoding="utf-8") as handle:
+        model_type = json.load(handle).get("model_type")
+    if model_type not in _BACKENDS:
+        raise ModelError(
+            f"model {spec!r} has model_type {model_type!r}; textseg runs {sorted(_BACKENDS)}"
+        )
+    model_id = location if not os.path.isdir(location) else f"{Path(location).name}@{_weights_digest(location)}"
+    return ModelRef(spec=spec, backend=model_type, location=location, model_id=model_id)
+
+
+def _fetch(location: str, filename: str) -> str | None:
+    """Path of a model file, local or from the hub cache/network; None when it does not exist."""
+    if os.path.isdir(location):
+        path = os.path.join(location, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return str(hf_hub_download(location, filename))
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return None
+
+
+def _weights_digest(directory: str) -> str:
+    """A short digest of a local model's config and weights, so retrained weights get a new model_id.
+
+    Hashes config.json whole and, for each weight file, its size and first and last MiB (a full hash of
+    a 600 MB checkpoint would cost seconds at every start for no practical gain).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name == "config.json":
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+        elif name.endswith((".safetensors", ".bin")):
+            size = os.path.getsize(path)
+            digest.update(f"{name}:{size}".encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read())
+    return digest.hexdigest()[:12]

@@ -1,0 +1,83 @@
+"""The Ray Data plan: a thin composition of the stage functions and one model-actor class.
+
+    from_items(rows) -> read_and_decode (CPU tasks) -> Labeler (actor pool: one GPU each, or CPU actors)
+    -> encode_and_write (CPU tasks: PNG masks into DEST/masks/) -> write_parquet (DEST/metadata/<run_id>/)
+
+Rows carry compressed-image URIs into the decode tasks and model-size uint8 pixels out of them, so the
+big decoded images never cross the object store; the actor ships uint8 labels, never float scores.
+Ray retries failed tasks and restarts dead actors; every write is idempotent (masks are rewritten
+atomically under the same name, part files are named by task and block), so a retried task can never
+duplicate a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+from ray.data.block import Block
+from ray.data.datasource import FilenameProvider
+
+from textseg import storage
+from textseg.job import JobPlan
+from textseg.labeler import Labeler
+from textseg.stages import encode_and_write, read_and_decode
+
+# Rows per CPU task: enough to amortize task overhead, small enough to spread over every core.
+CPU_TASK_BATCH = 16
+# Images per model call: a GPU keeps getting faster up to ~128 (PERF.md); a CPU gains nothing past ~8.
+GPU_BATCH, CPU_BATCH = 64, 8
+
+
+class PartFilenames(FilenameProvider):
+    """`part-<task>-<block>.parquet` (SPEC.md's `part-*.parquet`). A retried task rewrites the same
+    name, and the run id in the folder keeps runs apart."""
+
+    def get_filename_for_block(self, block: Block, write_uuid: str, task_index: int, block_index: int) -> str:
+        return f"part-{task_index:06d}-{block_index:06d}.parquet"
+
+
+def connect(address: str | None) -> None:
+    """Join `address` (a running cluster), or start an embedded local Ray when None."""
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+
+
+def run_ray(plan: JobPlan) -> None:
+    """Run the plan on the connected Ray cluster; the metadata lands under `plan.metadata_uri`."""
+    if not plan.rows:
+        return
+    config = plan.config
+    connect(config.ray_address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
+    actors = config.actors or (gpus if use_gpu else 1)
+    batch_size = config.batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
+    actor_resources: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    DataContext.get_current().enable_progress_bars = True
+
+    dataset = ray.data.from_items(plan.rows)
+    dataset = dataset.map_batches(
+        read_and_decode, fn_kwargs={"settings": plan.decode_settings}, batch_size=CPU_TASK_BATCH,
+        batch_format="numpy", num_cpus=1,
+    )
+    dataset = dataset.map_batches(
+        Labeler,
+        fn_constructor_kwargs={
+            "model": plan.model, "ontology": plan.ontology,
+            "device": "cuda" if use_gpu else "cpu", "batch_size": batch_size,
+        },
+        batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors), **actor_resources,
+    )
+    dataset = dataset.map_batches(
+        encode_and_write, fn_kwargs={"settings": plan.write_settings}, batch_size=CPU_TASK_BATCH,
+        batch_format="numpy", num_cpus=1,
+    )
+    fs, root = storage.filesystem_for(plan.metadata_uri, config.storage_options)
+    dataset.write_parquet(
+        root, filesystem=storage.pyarrow_filesystem(fs), filename_provider=PartFilenames()
+    )
