@@ -62,10 +62,12 @@ def class_scores(
             f"the model returned {prompt_logits.shape[0]} prompt maps for "
             f"{len(grouping.prompt_class_index)} prompts; check the backend's score_kind"
         )
-    index = torch.tensor(grouping.prompt_class_index, device=full.device) - 1
-    per_class = torch.full(
-        (grouping.num_classes, *size), float("-inf"), device=full.device, dtype=full.dtype
-    ).index_reduce_(0, index, prompt_logits, "amax")
+    per_class = torch.stack(
+        [
+            prompt_logits[[i for i, c in enumerate(grouping.prompt_class_index) if c == k]].amax(dim=0)
+            for k in range(1, grouping.num_classes + 1)
+        ]
+    )
     if background is not None:
         return torch.softmax(torch.cat([background, per_class]), dim=0)
     class_prob = torch.sigmoid(per_class)
