@@ -12,6 +12,7 @@ import pathlib
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -75,9 +76,8 @@ def check_dest(fs: fsspec.AbstractFileSystem, dest: str, sources: dict[str, byte
     (summary_path,) = fs.glob(f"{dest}/runs/*.json")
     summary = json.loads(fs.cat_file(summary_path))
     assert (summary["listed"], summary["skipped"], summary["ok"], summary["error"]) == (len(sources), 0, len(sources), 0)
-    table = pq.read_table(fs.glob(f"{dest}/metadata/{summary['run_id']}/*.parquet")[0], filesystem=fs)
-    for path in fs.glob(f"{dest}/metadata/{summary['run_id']}/*.parquet")[1:]:
-        table = table.concat_tables if False else __import__("pyarrow").concat_tables([table, pq.read_table(path, filesystem=fs)])
+    parts = fs.glob(f"{dest}/metadata/{summary['run_id']}/part-*.parquet")
+    table = pa.concat_tables([pq.read_table(path, filesystem=fs) for path in parts])
     assert table.schema.equals(METADATA_SCHEMA, check_metadata=False)
     rows = {row["relpath"]: row for row in table.to_pylist()}
     assert sorted(rows) == sorted(sources) and table.num_rows == len(sources)

@@ -56,18 +56,13 @@ def label_config_from_args(args: argparse.Namespace) -> JobConfig:
 
 def run_label(config: JobConfig) -> int:
     """Run a labeling job with Ray, print the closing summary, return the exit status."""
-    from textseg.job import finish, prepare
+    from textseg.api import run_job
 
-    plan = prepare(config)
-    summary = plan.summary
+    summary = run_job(config)
     if config.dry_run:
         print(f"dry run: listed {summary.listed}, already done {summary.skipped}, "
-              f"would label {len(plan.rows)} with model {plan.model.model_id}")
+              f"would label {summary.listed - summary.skipped} with model {summary.model_id}")
         return EXIT_OK
-    from textseg.runner_ray import run_ray
-
-    run_ray(plan)
-    summary = finish(plan)
     print(summary.line())
     if summary.status != "succeeded":
         print(f"textseg: {summary.status}", file=sys.stderr)
