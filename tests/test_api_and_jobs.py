@@ -58,3 +58,11 @@ def test_unknown_config_keys_are_refused_with_the_known_names():
         assert "trehshold" in str(err) and "threshold" in str(err)
     else:
         raise AssertionError("a misspelt option must be an error")
+
+
+def test_credentials_in_uris_move_into_storage_options_and_out_of_every_kept_string():
+    config = from_mapping({"source": "s3://AKIDEXAMPLE:s3cr3tValue@bucket/raw/", "dest": "s3://bucket/out",
+                           "prompts": "x"})
+    assert config.source == "s3://bucket/raw/"
+    assert config.storage_options == {"key": "AKIDEXAMPLE", "secret": "s3cr3tValue"}
+    assert "s3cr3tValue" not in repr(config.to_public_dict()) + repr(config)

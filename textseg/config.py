@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
+from textseg.storage import split_credentials
+
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -41,7 +43,7 @@ class JobConfig:
     dry_run: bool = False
     tile_size: int | None = None
     tile_overlap: int = 64
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     # 1%: a nightly job should fail loudly when more than a sliver of its input is unreadable.
     max_error_rate: float = 0.01
     # Decompression-bomb limit in pixels; large satellite scenes are legitimate, so it is generous.
@@ -66,7 +68,22 @@ class JobConfig:
             raise ConfigError("--tile-overlap must be less than half of --tile-size")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"--max-error-rate {self.max_error_rate} is outside [0, 1]")
-        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        self._move_uri_credentials_into_storage_options()
+
+    def _move_uri_credentials_into_storage_options(self) -> None:
+        """`s3://KEY:SECRET@bucket/...` works, but the secret must live on only in storage_options, which
+        is never logged or written (explicit --storage-option values win)."""
+        options = dict(self.storage_options)
+        for name in ("source", "dest", "ontology"):
+            uri = getattr(self, name)
+            if uri is None:
+                continue
+            clean, credentials = split_credentials(uri)
+            for key, value in credentials.items():
+                if options.setdefault(key, value) != value:
+                    raise ConfigError(f"--{name} carries different credentials than the other URIs or options")
+            object.__setattr__(self, name, clean)
+        object.__setattr__(self, "storage_options", options)
 
     def to_public_dict(self) -> dict[str, Any]:
         """The settings as recorded in run summaries: storage option values are never written out."""
