@@ -6,12 +6,15 @@ Every image a run attempts gets exactly one row of this schema; `status` is `ok`
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -99,3 +102,15 @@ class RunSummary:
             f"run {self.run_id}: listed {self.listed}, skipped {self.skipped} (already done), "
             f"labeled {self.ok}, failed {self.error}, {self.images_per_s:.1f} images/s"
         )
+
+
+def write_metadata_part(table: pa.Table, metadata_uri: str, storage_options: Mapping[str, Any], index: int) -> None:
+    """Write rows as `<metadata_uri>/part-<index>.parquet`, atomically: a reader (or the next run's
+    incremental check) sees the whole part file or none of it, also when the writer is killed. A retried
+    writer rewrites the same name, so a retry can never duplicate rows."""
+    from textseg import storage
+
+    buffer = io.BytesIO()
+    pq.write_table(table.cast(METADATA_SCHEMA), buffer)
+    fs, root = storage.filesystem_for(metadata_uri, storage_options)
+    storage.write_bytes_atomic(fs, storage.join_uri(root, f"part-{index:06d}.parquet"), buffer.getvalue())

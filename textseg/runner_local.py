@@ -6,19 +6,16 @@ Tests and benchmarks use it, and so can a notebook with a handful of images. Bat
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from textseg import storage
 from textseg.job import JobPlan
 from textseg.labeler import Labeler
-from textseg.metadata import METADATA_SCHEMA
+from textseg.metadata import METADATA_SCHEMA, write_metadata_part
 from textseg.stages import Batch, encode_and_write, read_and_decode
 
 
@@ -29,7 +26,7 @@ def rows_to_batch(rows: Sequence[dict[str, Any]]) -> Batch:
 
 
 def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> None:
-    """Label `plan.rows` in this process and write `DEST/metadata/<run_id>/part-00000.parquet`."""
+    """Label `plan.rows` in this process and write `DEST/metadata/<run_id>/part-000000.parquet`."""
     labeler = Labeler(plan.model, plan.ontology, plan.config.device, batch_size) if plan.rows else None
     tables = [pa.Table.from_pylist([], schema=METADATA_SCHEMA)]
     with tqdm(total=len(plan.rows), unit="img", disable=not progress) as bar:
@@ -39,7 +36,4 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> None
             labeled = labeler(read_and_decode(batch, plan.decode_settings))
             tables.append(encode_and_write(labeled, plan.write_settings))
             bar.update(len(batch["relpath"]))
-    buffer = io.BytesIO()
-    pq.write_table(pa.concat_tables(tables), buffer)
-    fs, root = storage.filesystem_for(plan.metadata_uri, plan.config.storage_options)
-    storage.write_bytes_atomic(fs, storage.join_uri(root, "part-00000.parquet"), buffer.getvalue())
+    write_metadata_part(pa.concat_tables(tables), plan.metadata_uri, plan.config.storage_options, 0)

@@ -1,12 +1,12 @@
 """The Ray Data plan: a thin composition of the stage functions and one model-actor class.
 
     from_items(rows) -> read_and_decode (CPU tasks) -> Labeler (actor pool: one GPU each, or CPU actors)
-    -> encode_and_write (CPU tasks: PNG masks into DEST/masks/) -> write_parquet (DEST/metadata/<run_id>/)
+    -> encode_and_write (CPU tasks: PNG masks into DEST/masks/) -> MetadataDatasink (DEST/metadata/<run_id>/)
 
 Rows carry compressed-image URIs into the decode tasks and model-size uint8 pixels out of them, so the
 big decoded images never cross the object store; the actor ships uint8 labels, never float scores.
 Ray retries failed tasks and restarts dead actors; every write is idempotent (masks are rewritten
-atomically under the same name, part files are named by task and block), so a retried task can never
+atomically under the same name, part files are named by write task), so a retried task can never
 duplicate a row.
 """
 
@@ -17,26 +17,16 @@ from typing import Any
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
-from ray.data.block import Block
-from ray.data.datasource import FilenameProvider
 
-from textseg import storage
 from textseg.job import JobPlan
 from textseg.labeler import Labeler
+from textseg.metadata_datasink import MetadataDatasink
 from textseg.stages import encode_and_write, read_and_decode
 
 # Rows per CPU task: enough to amortize task overhead, small enough to spread over every core.
 CPU_TASK_BATCH = 16
 # Images per model call: a GPU keeps getting faster up to ~128 (PERF.md); a CPU gains nothing past ~8.
 GPU_BATCH, CPU_BATCH = 64, 8
-
-
-class PartFilenames(FilenameProvider):
-    """`part-<task>-<block>.parquet` (SPEC.md's `part-*.parquet`). A retried task rewrites the same
-    name, and the run id in the folder keeps runs apart."""
-
-    def get_filename_for_block(self, block: Block, write_uuid: str, task_index: int, block_index: int) -> str:
-        return f"part-{task_index:06d}-{block_index:06d}.parquet"
 
 
 def connect(address: str | None) -> None:
@@ -77,7 +67,4 @@ def run_ray(plan: JobPlan) -> None:
         encode_and_write, fn_kwargs={"settings": plan.write_settings}, batch_size=CPU_TASK_BATCH,
         batch_format="numpy", num_cpus=1,
     )
-    fs, root = storage.filesystem_for(plan.metadata_uri, config.storage_options)
-    dataset.write_parquet(
-        root, filesystem=storage.pyarrow_filesystem(fs), filename_provider=PartFilenames()
-    )
+    dataset.write_datasink(MetadataDatasink(plan.metadata_uri, config.storage_options))
