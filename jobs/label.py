@@ -1,6 +1,6 @@
 """Run `textseg label` from a YAML file whose keys are the long option names.
 
-This is what a cluster runs:  ray job submit --working-dir . -- python jobs/label.py --config jobs/example.yaml
+A cluster runs it as:  ray job submit --working-dir . -- python jobs/label.py --config jobs/example.yaml
 Flags given on the command line override the file's values.
 """
 

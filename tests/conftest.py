@@ -1,4 +1,4 @@
-"""Session fixtures: a tiny CLIPSeg on disk, one local Ray, and the S3 protocol server (tests/s3_server.py)."""
+"""Session fixtures: a tiny CLIPSeg on disk, one local Ray, and the S3 server (tests/s3_server.py)."""
 
 from __future__ import annotations
 

@@ -38,8 +38,11 @@ def make_image(relpath: str, seed: int) -> bytes:
         image = image.convert("L")
     if relpath.startswith("alpha"):
         image = image.convert("RGBA")
-        image.putalpha(Image.fromarray(np.where(np.arange(width)[None, :] < 10, 0, 255).astype(np.uint8)
-                                       .repeat(height, 0)))
+        image.putalpha(
+            Image.fromarray(
+                np.where(np.arange(width)[None, :] < 10, 0, 255).astype(np.uint8).repeat(height, 0)
+            )
+        )
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG" if relpath.endswith(".jpg") else "PNG")
     return buffer.getvalue()
@@ -55,7 +58,9 @@ def reference_labels(model_dir: pathlib.Path, data: bytes) -> tuple[np.ndarray, 
     inputs = processor(text=PROMPTS, images=[image] * len(PROMPTS), padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits.reshape(len(PROMPTS), *inputs["pixel_values"].shape[-2:])
-    full = F.interpolate(logits[None], size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
+    full = F.interpolate(
+        logits[None], size=(image.height, image.width), mode="bilinear", align_corners=False
+    )[0]
     scores = torch.sigmoid(full)
     top2 = scores.topk(2, dim=0).values
     best_score, best = scores.max(0)
@@ -67,15 +72,36 @@ def reference_labels(model_dir: pathlib.Path, data: bytes) -> tuple[np.ndarray, 
 
 
 def label_args(source: str, dest: str, model_dir: pathlib.Path, *extra: str) -> list[str]:
-    return ["label", source, dest, "--model", str(model_dir), "--prompts", ",".join(PROMPTS),
-            "--threshold", str(THRESHOLD), "--device", "cpu", "--batch-size", "2", *extra]
+    return [
+        "label",
+        source,
+        dest,
+        "--model",
+        str(model_dir),
+        "--prompts",
+        ",".join(PROMPTS),
+        "--threshold",
+        str(THRESHOLD),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
-def check_dest(fs: fsspec.AbstractFileSystem, dest: str, sources: dict[str, bytes], model_dir: pathlib.Path) -> dict:
+def check_dest(
+    fs: fsspec.AbstractFileSystem, dest: str, sources: dict[str, bytes], model_dir: pathlib.Path
+) -> dict:
     """Every image has a correct mask and exactly one `ok` metadata row; returns the run summary."""
     (summary_path,) = fs.glob(f"{dest}/runs/*.json")
     summary = json.loads(fs.cat_file(summary_path))
-    assert (summary["listed"], summary["skipped"], summary["ok"], summary["error"]) == (len(sources), 0, len(sources), 0)
+    assert (summary["listed"], summary["skipped"], summary["ok"], summary["error"]) == (
+        len(sources),
+        0,
+        len(sources),
+        0,
+    )
     parts = fs.glob(f"{dest}/metadata/{summary['run_id']}/part-*.parquet")
     table = pa.concat_tables([pq.read_table(path, filesystem=fs) for path in parts])
     assert table.schema.equals(METADATA_SCHEMA, check_metadata=False)
@@ -109,7 +135,9 @@ def write_tree(root: pathlib.Path, files: dict[str, bytes]) -> None:
         (root / relpath).write_bytes(data)
 
 
-def test_label_local_folder_writes_spec_layout_with_reference_masks(tmp_path, sources, tiny_clipseg_dir, ray_session):
+def test_label_local_folder_writes_spec_layout_with_reference_masks(
+    tmp_path, sources, tiny_clipseg_dir, ray_session
+):
     write_tree(tmp_path / "imgs", {**sources, "notes.txt": b"not an image"})
     dest = tmp_path / "out"
     assert main(label_args(str(tmp_path / "imgs"), str(dest), tiny_clipseg_dir)) == 0
@@ -125,9 +153,11 @@ def test_label_s3_bucket_to_bucket(s3_server, s3_bucket, sources, tiny_clipseg_d
     fs = fsspec.filesystem("s3", **s3_server.storage_options)
     for relpath, data in sources.items():
         fs.pipe_file(f"{s3_bucket}/raw/{relpath}", data)
-    options = [f"--storage-option=client_kwargs.endpoint_url={s3_server.endpoint_url}",
-               f"--storage-option=key={s3_server.storage_options['key']}",
-               f"--storage-option=secret={s3_server.storage_options['secret']}"]
+    options = [
+        f"--storage-option=client_kwargs.endpoint_url={s3_server.endpoint_url}",
+        f"--storage-option=key={s3_server.storage_options['key']}",
+        f"--storage-option=secret={s3_server.storage_options['secret']}",
+    ]
     args = label_args(f"s3://{s3_bucket}/raw/", f"s3://{s3_bucket}/labels", tiny_clipseg_dir, *options)
     assert main(args) == 0
     summary = check_dest(fs, f"{s3_bucket}/labels", sources, tiny_clipseg_dir)
@@ -141,9 +171,12 @@ def test_dry_run_counts_without_loading_a_model_or_writing(tmp_path, sources, ti
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_images_become_error_rows_and_the_exit_status_follows_max_error_rate(tmp_path, sources,
-                                                                              tiny_clipseg_dir, ray_session):
-    write_tree(tmp_path / "imgs", {"good.png": sources["gray.png"], "empty.jpg": b"", "html.png": b"<html></html>"})
+def test_bad_images_become_error_rows_and_the_exit_status_follows_max_error_rate(
+    tmp_path, sources, tiny_clipseg_dir, ray_session
+):
+    write_tree(
+        tmp_path / "imgs", {"good.png": sources["gray.png"], "empty.jpg": b"", "html.png": b"<html></html>"}
+    )
     dest = tmp_path / "out"
     assert main(label_args(str(tmp_path / "imgs"), str(dest), tiny_clipseg_dir)) == 1
     table = pq.read_table(next((dest / "metadata").glob("*/")))

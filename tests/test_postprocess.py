@@ -9,11 +9,18 @@ from textseg.postprocess import NODATA, ClassGrouping, label_image
 
 def spec_labels(logits: torch.Tensor, size: tuple[int, int], grouping: ClassGrouping) -> torch.Tensor:
     """SPEC.md's formula written out literally, pixel by pixel over classes and prompts."""
-    resized = [F.interpolate(l[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] for l in logits]
+    resized = [
+        F.interpolate(prompt_logits[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        for prompt_logits in logits
+    ]
     scores = torch.stack(
         [
             torch.stack(
-                [torch.sigmoid(r) for r, c in zip(resized, grouping.prompt_class_index, strict=True) if c == k]
+                [
+                    torch.sigmoid(r)
+                    for r, c in zip(resized, grouping.prompt_class_index, strict=True)
+                    if c == k
+                ]
             ).amax(0)
             for k in range(1, grouping.num_classes + 1)
         ]

@@ -22,30 +22,56 @@ EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_JOB_ERROR = 0, 1, 2
 def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True) -> None:
     """The options of `textseg label`, shared with `jobs/label.py` (there SOURCE/DEST may come from YAML)."""
     nargs = None if positional else "?"
-    parser.add_argument("source", nargs=nargs, metavar="SOURCE",
-                        help="folder, prefix, glob or manifest of images: ./imgs, s3://bucket/raw/, "
-                        "'s3://b/raw/**/*.jpg', list.txt")
-    parser.add_argument("dest", nargs=nargs, metavar="DEST", help="folder or prefix the masks and metadata go under")
+    parser.add_argument(
+        "source",
+        nargs=nargs,
+        metavar="SOURCE",
+        help="folder, prefix, glob or manifest of images: ./imgs, s3://bucket/raw/, "
+        "'s3://b/raw/**/*.jpg', list.txt",
+    )
+    parser.add_argument(
+        "dest", nargs=nargs, metavar="DEST", help="folder or prefix the masks and metadata go under"
+    )
     classes = parser.add_mutually_exclusive_group()
     classes.add_argument("--prompts", help="comma-separated prompts, one class each: 'building,road,water'")
     classes.add_argument("--ontology", help="YAML file mapping class names to prompts, thresholds, colours")
-    parser.add_argument("--model", help="clipseg (default: CIDAS/clipseg-rd64-refined), demo, a Hugging Face "
-                        "id, or a local model directory")
-    parser.add_argument("--threshold", type=float,
-                        help="score a pixel needs to get a class (default 0.4; per-class in the ontology)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
+    parser.add_argument(
+        "--model",
+        help="clipseg (default: CIDAS/clipseg-rd64-refined), demo, a Hugging Face "
+        "id, or a local model directory",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="score a pixel needs to get a class (default 0.4; per-class in the ontology)",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)"
+    )
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on GPU, 8 on CPU)")
     parser.add_argument("--actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
     parser.add_argument("--limit", type=int, help="label at most the first N listed images")
-    parser.add_argument("--dry-run", action="store_true", default=None,
-                        help="list and count what would be labeled; load no model, write nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=None,
+        help="list and count what would be labeled; load no model, write nothing",
+    )
     parser.add_argument("--tile-size", type=int, help="split images larger than this into windows (pixels)")
     parser.add_argument("--tile-overlap", type=int, help="overlap between windows in pixels (default 64)")
-    parser.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
-                        help="fsspec storage option, repeatable (e.g. client_kwargs.endpoint_url=http://...)")
-    parser.add_argument("--max-error-rate", type=float,
-                        help="exit non-zero when a larger share of images fails (default 0.01)")
+    parser.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec storage option, repeatable (e.g. client_kwargs.endpoint_url=http://...)",
+    )
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        help="exit non-zero when a larger share of images fails (default 0.01)",
+    )
 
 
 def label_config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -60,8 +86,10 @@ def run_label(config: JobConfig) -> int:
 
     summary = run_job(config)
     if config.dry_run:
-        print(f"dry run: listed {summary.listed}, already done {summary.skipped}, "
-              f"would label {summary.listed - summary.skipped} with model {summary.model_id}")
+        print(
+            f"dry run: listed {summary.listed}, already done {summary.skipped}, "
+            f"would label {summary.listed - summary.skipped} with model {summary.model_id}"
+        )
         return EXIT_OK
     print(summary.line())
     if summary.status != "succeeded":
@@ -73,22 +101,34 @@ def run_label(config: JobConfig) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textseg", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    label = commands.add_parser("label", help="label every image under SOURCE, writing masks + metadata to DEST",
-                                description="Label every image under SOURCE with a text-prompted segmentation "
-                                "model; write masks, Parquet metadata and a run summary under DEST.")
+    label = commands.add_parser(
+        "label",
+        help="label every image under SOURCE, writing masks + metadata to DEST",
+        description="Label every image under SOURCE with a text-prompted segmentation "
+        "model; write masks, Parquet metadata and a run summary under DEST.",
+    )
     add_label_arguments(label)
 
-    evaluate = commands.add_parser("eval", help="per-class IoU, mIoU, Dice, pixel accuracy of PRED vs GT masks",
-                                   description="Compare two folders of class masks matched by relpath.")
+    evaluate = commands.add_parser(
+        "eval",
+        help="per-class IoU, mIoU, Dice, pixel accuracy of PRED vs GT masks",
+        description="Compare two folders of class masks matched by relpath.",
+    )
     evaluate.add_argument("pred", metavar="PRED", help="folder of predicted masks (e.g. DEST/masks)")
     evaluate.add_argument("gt", metavar="GT", help="folder of ground-truth masks")
-    evaluate.add_argument("--classes", help="comma-separated class names in mask-index order, background excluded "
-                          "(default: ontology.yaml beside GT)")
+    evaluate.add_argument(
+        "--classes",
+        help="comma-separated class names in mask-index order, background excluded "
+        "(default: ontology.yaml beside GT)",
+    )
     evaluate.add_argument("--out", help="write the report as JSON to this path or URI")
     evaluate.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE")
 
-    synth = commands.add_parser("synth", help="write synthetic satellite-like tiles with ground-truth masks",
-                                description="Write DEST/images/, DEST/masks/ and DEST/ontology.yaml.")
+    synth = commands.add_parser(
+        "synth",
+        help="write synthetic satellite-like tiles with ground-truth masks",
+        description="Write DEST/images/, DEST/masks/ and DEST/ontology.yaml.",
+    )
     synth.add_argument("dest", metavar="DEST", help="folder or prefix to write under")
     synth.add_argument("--n", type=int, default=100, help="number of tiles (default 100)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed; tile i uses default_rng([seed, i])")
@@ -114,7 +154,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     from textseg.training.synth import write_synth_dataset
 
-    relpaths = write_synth_dataset(args.dest, args.n, args.seed, args.size, parse_storage_options(args.storage_options))
+    relpaths = write_synth_dataset(
+        args.dest, args.n, args.seed, args.size, parse_storage_options(args.storage_options)
+    )
     print(f"wrote {len(relpaths)} synthetic tiles of {args.size} px under {args.dest}")
     return EXIT_OK
 

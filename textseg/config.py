@@ -81,7 +81,9 @@ class JobConfig:
             clean, credentials = split_credentials(uri)
             for key, value in credentials.items():
                 if options.setdefault(key, value) != value:
-                    raise ConfigError(f"--{name} carries different credentials than the other URIs or options")
+                    raise ConfigError(
+                        f"--{name} carries different credentials than the other URIs or options"
+                    )
             object.__setattr__(self, name, clean)
         object.__setattr__(self, "storage_options", options)
 

@@ -86,8 +86,11 @@ def prepare(config: JobConfig) -> JobPlan:
         storage.check_writable(dest_fs, dest_root)
     source_fs, _ = storage.filesystem_for(config.source, config.storage_options)
     exclude = dest_root if type(source_fs) is type(dest_fs) else None
-    refs = list(itertools.islice(list_images(config.source, config.storage_options, exclude_prefix=exclude),
-                                 config.limit))
+    refs = list(
+        itertools.islice(
+            list_images(config.source, config.storage_options, exclude_prefix=exclude), config.limit
+        )
+    )
     listed_at = time.perf_counter()
     collisions = find_mask_collisions(refs)
     problems = {

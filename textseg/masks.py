@@ -29,4 +29,3 @@ def decode_png_mask(data: bytes) -> np.ndarray:
         if image.mode not in ("P", "L"):
             raise ValueError(f"a class mask must be a palette or grayscale PNG, got mode {image.mode}")
         return np.asarray(image, dtype=np.uint8).copy()
-

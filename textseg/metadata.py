@@ -104,7 +104,9 @@ class RunSummary:
         )
 
 
-def write_metadata_part(table: pa.Table, metadata_uri: str, storage_options: Mapping[str, Any], index: int) -> None:
+def write_metadata_part(
+    table: pa.Table, metadata_uri: str, storage_options: Mapping[str, Any], index: int
+) -> None:
     """Write rows as `<metadata_uri>/part-<index>.parquet`, atomically: a reader (or the next run's
     incremental check) sees the whole part file or none of it, also when the writer is killed. A retried
     writer rewrites the same name, so a retry can never duplicate rows."""

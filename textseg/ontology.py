@@ -83,7 +83,7 @@ class Ontology:
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
-    return "#%02x%02x%02x" % rgb
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
@@ -109,10 +109,14 @@ def from_mapping(mapping: Mapping[str, Any], default_threshold: float) -> Ontolo
     for i, (name, spec) in enumerate(classes_in.items()):
         spec = spec or {}
         if not isinstance(spec, Mapping):
-            raise OntologyError(f"class {name!r}: settings must be a mapping with 'prompts', 'threshold', 'color'")
+            raise OntologyError(
+                f"class {name!r}: settings must be a mapping with 'prompts', 'threshold', 'color'"
+            )
         unknown = set(spec) - {"prompts", "threshold", "color"}
         if unknown:
-            raise OntologyError(f"class {name!r}: unknown keys {sorted(unknown)}; allowed: prompts, threshold, color")
+            raise OntologyError(
+                f"class {name!r}: unknown keys {sorted(unknown)}; allowed: prompts, threshold, color"
+            )
         prompts = spec.get("prompts", [name])
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -122,7 +126,11 @@ def from_mapping(mapping: Mapping[str, Any], default_threshold: float) -> Ontolo
         threshold = float(spec.get("threshold", default_threshold))
         if not 0.0 <= threshold <= 1.0:
             raise OntologyError(f"class {name!r}: threshold {threshold} is outside [0, 1]")
-        color = parse_color(spec["color"]) if "color" in spec else parse_color(DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        color = (
+            parse_color(spec["color"])
+            if "color" in spec
+            else parse_color(DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        )
         classes.append(OntologyClass(str(name), prompts, threshold, color))
     if len(classes) > MAX_CLASSES:
         raise OntologyError(f"{len(classes)} classes: an 8-bit mask holds at most {MAX_CLASSES}")

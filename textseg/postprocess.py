@@ -41,7 +41,9 @@ class ClassGrouping:
 class LabelResult:
     labels: torch.Tensor  # (H, W) uint8 on the scoring device: class index, 0 background, 255 no-data
     class_pixel_fraction: list[float]  # background first; share of the valid (not no-data) pixels
-    class_mean_score: list[float]  # background first; mean score of class k over pixels labeled k (NaN if none)
+    class_mean_score: list[
+        float
+    ]  # background first; mean score of class k over pixels labeled k (NaN if none)
 
 
 def class_scores(

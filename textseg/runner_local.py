@@ -21,8 +21,10 @@ from textseg.stages import Batch, encode_and_write, read_and_decode
 
 def rows_to_batch(rows: Sequence[dict[str, Any]]) -> Batch:
     """Row dicts -> Ray Data's numpy batch format (strings as object arrays)."""
-    return {key: np.array([row[key] for row in rows], dtype=object if key != "elapsed_ms" else np.float64)
-            for key in rows[0]}
+    return {
+        key: np.array([row[key] for row in rows], dtype=object if key != "elapsed_ms" else np.float64)
+        for key in rows[0]
+    }
 
 
 def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> None:

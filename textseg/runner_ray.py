@@ -12,6 +12,7 @@ duplicate a row.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -32,8 +33,7 @@ GPU_BATCH, CPU_BATCH = 64, 8
 def connect(address: str | None) -> None:
     """Join `address` (a running cluster), or start an embedded local Ray when None."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
 
 
 def run_ray(plan: JobPlan) -> None:
@@ -49,22 +49,30 @@ def run_ray(plan: JobPlan) -> None:
     actor_resources: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     DataContext.get_current().enable_progress_bars = True
 
-    dataset = ray.data.from_items(plan.rows)
+    dataset: ray.data.Dataset = ray.data.from_items(plan.rows)
     dataset = dataset.map_batches(
-        read_and_decode, fn_kwargs={"settings": plan.decode_settings}, batch_size=CPU_TASK_BATCH,
-        batch_format="numpy", num_cpus=1,
+        functools.partial(read_and_decode, settings=plan.decode_settings),
+        batch_size=CPU_TASK_BATCH,
+        batch_format="numpy",
+        num_cpus=1,
     )
     dataset = dataset.map_batches(
         Labeler,
         fn_constructor_kwargs={
-            "model": plan.model, "ontology": plan.ontology,
-            "device": "cuda" if use_gpu else "cpu", "batch_size": batch_size,
+            "model": plan.model,
+            "ontology": plan.ontology,
+            "device": "cuda" if use_gpu else "cpu",
+            "batch_size": batch_size,
         },
-        batch_size=batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors), **actor_resources,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
+        **actor_resources,
     )
     dataset = dataset.map_batches(
-        encode_and_write, fn_kwargs={"settings": plan.write_settings}, batch_size=CPU_TASK_BATCH,
-        batch_format="numpy", num_cpus=1,
+        functools.partial(encode_and_write, settings=plan.write_settings),
+        batch_size=CPU_TASK_BATCH,
+        batch_format="numpy",
+        num_cpus=1,
     )
     dataset.write_datasink(MetadataDatasink(plan.metadata_uri, config.storage_options))

@@ -160,7 +160,9 @@ def encode_and_write(batch: Batch, settings: WriteSettings) -> pa.Table:
                 "width": int(batch["width"][i]) if "width" in batch and ok else None,
                 "height": int(batch["height"][i]) if "height" in batch and ok else None,
                 "class_names": settings.class_names,
-                "class_pixel_fraction": _floats(batch, "class_pixel_fraction", i, class_count) if ok else None,
+                "class_pixel_fraction": _floats(batch, "class_pixel_fraction", i, class_count)
+                if ok
+                else None,
                 "class_mean_score": _floats(batch, "class_mean_score", i, class_count) if ok else None,
                 "model_id": settings.model_id,
                 "ontology_hash": settings.ontology_hash,

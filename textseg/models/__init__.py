@@ -69,7 +69,9 @@ def resolve_model(spec: str) -> ModelRef:
         return _resolve_location(spec, CLIPSEG_DEFAULT_ID)
     if spec == "demo":
         if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise ModelError(f"the demo model is missing from the package ({DEMO_MODEL_DIR}); reinstall textseg")
+            raise ModelError(
+                f"the demo model is missing from the package ({DEMO_MODEL_DIR}); reinstall textseg"
+            )
         return _resolve_location(spec, str(DEMO_MODEL_DIR))
     if spec.startswith("hf-hub:"):
         return _resolve_location(spec, spec.removeprefix("hf-hub:"))
@@ -120,15 +122,15 @@ def _resolve_location(spec: str, location: str) -> ModelRef:
     if config is None:
         raise ModelError(
             f"cannot read config.json of model {spec!r} ({location}): for a hub id this machine needs "
-            "network access or a Hugging Face cache entry; otherwise pass a directory written by save_pretrained"
+            "network access or a Hugging Face cache entry; otherwise pass a save_pretrained directory"
         )
     with open(config, encoding="utf-8") as handle:
         model_type = json.load(handle).get("model_type")
     if model_type not in _BACKENDS:
-        raise ModelError(
-            f"model {spec!r} has model_type {model_type!r}; textseg runs {sorted(_BACKENDS)}"
-        )
-    model_id = location if not os.path.isdir(location) else f"{Path(location).name}@{_weights_digest(location)}"
+        raise ModelError(f"model {spec!r} has model_type {model_type!r}; textseg runs {sorted(_BACKENDS)}")
+    model_id = (
+        location if not os.path.isdir(location) else f"{Path(location).name}@{_weights_digest(location)}"
+    )
     return ModelRef(spec=spec, backend=model_type, location=location, model_id=model_id)
 
 
