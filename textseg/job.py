@@ -26,6 +26,8 @@ from textseg.metadata import RunSummary, metadata_dir, new_run_id, summary_path
 from textseg.models import ModelRef, read_input_spec, resolve_model
 from textseg.models.input_spec import InputSpec
 from textseg.ontology import Ontology
+from textseg.scenes import AssemblySettings, scratch_uri
+from textseg.sources import WindowPlan
 from textseg.stages import DecodeSettings, WriteSettings, work_rows
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,40 @@ class JobPlan:
     started: float  # time.perf_counter() at the start of `prepare`
 
     @property
+    def scratch_uri(self) -> str:
+        return scratch_uri(self.config.dest, self.run_id)
+
+    @property
     def decode_settings(self) -> DecodeSettings:
-        return DecodeSettings(self.config.storage_options, self.input_spec, self.config.max_image_pixels)
+        return DecodeSettings(
+            storage_options=self.config.storage_options,
+            input_spec=self.input_spec,
+            max_pixels=self.config.max_image_pixels,
+            window_plan=WindowPlan(self.config.tile_size, self.config.tile_overlap),
+            scratch_uri=self.scratch_uri,
+        )
 
     @property
     def write_settings(self) -> WriteSettings:
         return WriteSettings(
             dest=self.config.dest,
             storage_options=self.config.storage_options,
+            palette=self.ontology.palette(),
+            class_names=self.ontology.class_names,
+            model_id=self.model.model_id,
+            ontology_hash=self.ontology.stable_hash(),
+            run_id=self.run_id,
+            scratch_uri=self.scratch_uri,
+        )
+
+    @property
+    def assembly_settings(self) -> AssemblySettings:
+        return AssemblySettings(
+            dest=self.config.dest,
+            storage_options=self.config.storage_options,
+            scratch_uri=self.scratch_uri,
+            thresholds=tuple(self.ontology.thresholds),
+            score_kind=self.model.score_kind,
             palette=self.ontology.palette(),
             class_names=self.ontology.class_names,
             model_id=self.model.model_id,
@@ -144,7 +172,18 @@ def finish(plan: JobPlan) -> RunSummary:
     storage.write_bytes_atomic(
         dest_fs, storage.join_uri(dest_root, summary_path(plan.run_id)), summary.to_json().encode()
     )
+    _remove_scratch(plan)
     return summary
+
+
+def _remove_scratch(plan: JobPlan) -> None:
+    """Drop this run's scratch area, and the scratch folder itself once no run uses it (local disk)."""
+    fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    parent = root.rsplit("/", 1)[0]
+    if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
+        fs.rmdir(parent)
 
 
 def _versions() -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 One `Labeler` lives in each model actor (or in the in-process runner). It loads the weights and embeds
 the ontology's prompts once, then for each batch runs the backend once per image (however many prompts)
-and turns the scores into labels with `textseg.postprocess` before anything leaves the device.
+and turns the scores into labels with `textseg.postprocess` before anything leaves the device. A window
+of a large scene leaves as uint8-quantized class scores instead, because its neighbours' scores must be
+blended with it before labels can be decided (`textseg.scenes`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 
 from textseg.models import ModelRef, load_model, resolve_device
 from textseg.ontology import Ontology
-from textseg.postprocess import ClassGrouping, label_image
+from textseg.postprocess import ClassGrouping, class_scores, labels_from_scores
 from textseg.stages import Batch, unpack_nodata
+from textseg.windows import SCORE_LEVELS
 
 
 class Labeler:
@@ -30,13 +33,15 @@ class Labeler:
             self.prompt_embeddings = self.backend.embed_prompts(ontology.prompts)
 
     def __call__(self, batch: Batch) -> Batch:
-        """Adds `labels` (raw (H, W) uint8 bytes per row), `class_pixel_fraction` and `class_mean_score`
-        ((B, 1 + K) float32, background first); drops the model-size `pixels`."""
+        """Adds `labels` (raw (H, W) uint8 bytes of a whole image), `window_scores` (raw (1 + K, h, w)
+        uint8 class scores of a window), `class_pixel_count` and `class_score_sum` ((B, 1 + K), background
+        first); drops the model-size `pixels`."""
         count = len(batch["relpath"])
         bins = self.grouping.num_classes + 1
         labels = np.full(count, b"", dtype=object)
-        fractions = np.full((count, bins), np.nan, dtype=np.float32)
-        mean_scores = np.full((count, bins), np.nan, dtype=np.float32)
+        window_scores = np.full(count, b"", dtype=object)
+        pixel_counts = np.zeros((count, bins), dtype=np.int64)
+        score_sums = np.zeros((count, bins), dtype=np.float64)
         elapsed = batch["elapsed_ms"].astype(np.float64)
         todo = [i for i in range(count) if not batch["error"][i]]
         for start in range(0, len(todo), self.batch_size):
@@ -46,22 +51,29 @@ class Labeler:
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][chunk])).to(self.device)
                 logits = self.backend.score(self.backend.normalize(pixels), self.prompt_embeddings)
                 for j, i in enumerate(chunk):
-                    height, width = int(batch["height"][i]), int(batch["width"][i])
-                    nodata = unpack_nodata(batch["nodata"][i], height, width)
-                    result = label_image(
-                        logits[j],
-                        (height, width),
+                    size = (int(batch["height"][i]), int(batch["width"][i]))
+                    scores = class_scores(logits[j], size, self.grouping, self.backend.score_kind)
+                    if batch["windowed"][i]:
+                        quantized = (scores.clamp(0, 1) * SCORE_LEVELS).round().to(torch.uint8)
+                        window_scores[i] = quantized.cpu().numpy().tobytes()
+                        continue
+                    nodata = unpack_nodata(batch["nodata"][i], *size)
+                    result = labels_from_scores(
+                        scores,
                         self.grouping,
                         self.backend.score_kind,
                         None if nodata is None else torch.from_numpy(nodata).to(self.device),
                     )
                     labels[i] = result.labels.cpu().numpy().tobytes()
-                    fractions[i] = result.class_pixel_fraction
-                    mean_scores[i] = result.class_mean_score
-            per_image_ms = (time.perf_counter() - started) * 1000 / len(chunk)
-            elapsed[chunk] += per_image_ms
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "nodata")}
+                    pixel_counts[i] = result.class_pixel_count
+                    score_sums[i] = result.class_score_sum
+            elapsed[chunk] += (time.perf_counter() - started) * 1000 / len(chunk)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(
-            labels=labels, class_pixel_fraction=fractions, class_mean_score=mean_scores, elapsed_ms=elapsed
+            labels=labels,
+            window_scores=window_scores,
+            class_pixel_count=pixel_counts,
+            class_score_sum=score_sums,
+            elapsed_ms=elapsed,
         )
         return out

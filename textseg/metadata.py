@@ -9,7 +9,7 @@ import datetime as dt
 import io
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,8 +37,22 @@ METADATA_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("labeled_at", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("duration_ms", pa.float32()),
+        # Georeferenced images (GeoTIFF, XYZ tiles): the CRS, the bounds in it, and the bounds in lon/lat.
+        pa.field("crs", pa.string()),
+        pa.field("bounds", pa.list_(pa.float64(), 4)),
+        pa.field("bounds_wgs84", pa.list_(pa.float64(), 4)),
     ]
 )
+
+
+def class_statistics(counts: Sequence[float], score_sums: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Per-class pixel counts and score sums (possibly added up over the blocks of a scene) ->
+    (class_pixel_fraction of the valid pixels, class_mean_score; NaN for a class with no pixel)."""
+    total = max(sum(counts), 1)
+    fractions = [c / total for c in counts]
+    means = [s / c if c else float("nan") for c, s in zip(counts, score_sums, strict=True)]
+    return fractions, means
+
 
 # What decides whether an image is already done (SPEC.md: Incremental by default).
 DONE_KEY_COLUMNS = ("relpath", "source_fingerprint", "model_id", "ontology_hash")
@@ -105,14 +119,14 @@ class RunSummary:
 
 
 def write_metadata_part(
-    table: pa.Table, metadata_uri: str, storage_options: Mapping[str, Any], index: int
+    table: pa.Table, metadata_uri: str, storage_options: Mapping[str, Any], name: str
 ) -> None:
-    """Write rows as `<metadata_uri>/part-<index>.parquet`, atomically: a reader (or the next run's
-    incremental check) sees the whole part file or none of it, also when the writer is killed. A retried
-    writer rewrites the same name, so a retry can never duplicate rows."""
+    """Write rows as `<metadata_uri>/<name>.parquet` (names start `part-`), atomically: a reader (or the
+    next run's incremental check) sees the whole part file or none of it, also when the writer is killed.
+    A retried writer rewrites the same name, so a retry can never duplicate rows."""
     from textseg import storage
 
     buffer = io.BytesIO()
     pq.write_table(table.cast(METADATA_SCHEMA), buffer)
     fs, root = storage.filesystem_for(metadata_uri, storage_options)
-    storage.write_bytes_atomic(fs, storage.join_uri(root, f"part-{index:06d}.parquet"), buffer.getvalue())
+    storage.write_bytes_atomic(fs, storage.join_uri(root, f"{name}.parquet"), buffer.getvalue())

@@ -40,10 +40,8 @@ class ClassGrouping:
 @dataclass(frozen=True)
 class LabelResult:
     labels: torch.Tensor  # (H, W) uint8 on the scoring device: class index, 0 background, 255 no-data
-    class_pixel_fraction: list[float]  # background first; share of the valid (not no-data) pixels
-    class_mean_score: list[
-        float
-    ]  # background first; mean score of class k over pixels labeled k (NaN if none)
+    class_pixel_count: list[int]  # background first; pixels labeled k (no-data pixels count nowhere)
+    class_score_sum: list[float]  # background first; sum of class k's score over the pixels labeled k
 
 
 def class_scores(
@@ -93,12 +91,9 @@ def labels_from_scores(
     flat = labels.flatten().long()
     bins = grouping.num_classes + 1
     valid = flat != NODATA
-    counts = torch.bincount(flat[valid], minlength=bins).double()
+    counts = torch.bincount(flat[valid], minlength=bins)
     score_sums = torch.bincount(flat[valid], weights=chosen_score.flatten()[valid].double(), minlength=bins)
-    total = counts.sum().clamp(min=1.0)
-    fractions = (counts / total).tolist()
-    means = torch.where(counts > 0, score_sums / counts.clamp(min=1.0), torch.nan).tolist()
-    return LabelResult(labels.to(torch.uint8), fractions, means)
+    return LabelResult(labels.to(torch.uint8), counts.tolist(), score_sums.tolist())
 
 
 def label_image(

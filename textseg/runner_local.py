@@ -16,6 +16,7 @@ from tqdm import tqdm
 from textseg.job import JobPlan
 from textseg.labeler import Labeler
 from textseg.metadata import METADATA_SCHEMA, write_metadata_part
+from textseg.scenes import assemble_batch, manifest_uris
 from textseg.stages import Batch, encode_and_write, read_and_decode
 
 
@@ -38,4 +39,10 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> None
             labeled = labeler(read_and_decode(batch, plan.decode_settings))
             tables.append(encode_and_write(labeled, plan.write_settings))
             bar.update(len(batch["relpath"]))
-    write_metadata_part(pa.concat_tables(tables), plan.metadata_uri, plan.config.storage_options, 0)
+    write_metadata_part(
+        pa.concat_tables(tables), plan.metadata_uri, plan.config.storage_options, "part-000000"
+    )
+    manifests = manifest_uris(plan.assembly_settings)
+    if manifests:
+        scenes = assemble_batch({"manifest_uri": np.array(manifests, dtype=object)}, plan.assembly_settings)
+        write_metadata_part(scenes, plan.metadata_uri, plan.config.storage_options, "part-scenes-000000")

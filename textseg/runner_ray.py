@@ -22,6 +22,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from textseg.job import JobPlan
 from textseg.labeler import Labeler
 from textseg.metadata_datasink import MetadataDatasink
+from textseg.scenes import assemble_batch, manifest_uris
 from textseg.stages import encode_and_write, read_and_decode
 
 # Rows per CPU task: enough to amortize task overhead, small enough to spread over every core.
@@ -76,3 +77,19 @@ def run_ray(plan: JobPlan) -> None:
         num_cpus=1,
     )
     dataset.write_datasink(MetadataDatasink(plan.metadata_uri, config.storage_options))
+    assemble_scenes(plan)
+
+
+def assemble_scenes(plan: JobPlan) -> None:
+    """The second pass: one CPU task per windowed scene blends its windows into one mask and one row."""
+    manifests = manifest_uris(plan.assembly_settings)
+    if not manifests:
+        return
+    scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
+    scenes = scenes.map_batches(
+        functools.partial(assemble_batch, settings=plan.assembly_settings),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    scenes.write_datasink(MetadataDatasink(plan.metadata_uri, plan.config.storage_options, "part-scenes-"))

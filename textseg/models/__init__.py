@@ -20,20 +20,23 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from textseg.models.input_spec import InputSpec, from_processor_config
 
 if TYPE_CHECKING:
     from textseg.models.base import SegmentationBackend
 
+ScoreKind = Literal["sigmoid", "softmax"]
+
 CLIPSEG_DEFAULT_ID = "CIDAS/clipseg-rd64-refined"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 
-# model_type in config.json -> "module:function" that loads it as a SegmentationBackend.
-_BACKENDS = {
-    "clipseg": "textseg.models.clipseg:load_clipseg",
-    "textseg_fusion": "textseg.models.fusion:load_fusion",
+# model_type in config.json -> ("module:function" that loads it as a SegmentationBackend, its score kind).
+# The score kind is declared here too so the driver's stages can apply it without loading weights.
+_BACKENDS: dict[str, tuple[str, ScoreKind]] = {
+    "clipseg": ("textseg.models.clipseg:load_clipseg", "sigmoid"),
+    "textseg_fusion": ("textseg.models.fusion:load_fusion", "softmax"),
 }
 
 
@@ -52,6 +55,10 @@ class ModelRef:
     backend: str
     location: str  # a local directory or a hub id
     model_id: str  # changes when the weights change, so incremental runs relabel with a new model
+
+    @property
+    def score_kind(self) -> ScoreKind:
+        return _BACKENDS[self.backend][1]
 
     def read_json(self, filename: str) -> dict[str, Any] | None:
         """A small JSON file of the model (config, processor config), or None if it has none."""
@@ -95,10 +102,14 @@ def read_input_spec(ref: ModelRef) -> InputSpec:
 
 def load_model(ref: ModelRef, device: str = "cpu") -> SegmentationBackend:
     """Load the weights on `device` (imports torch and transformers; call it in the model actor)."""
-    module_name, function_name = _BACKENDS[ref.backend].split(":")
+    module_name, function_name = _BACKENDS[ref.backend][0].split(":")
     loader = getattr(importlib.import_module(module_name), function_name)
     backend: SegmentationBackend = loader(ref.location, device=device)
     backend.model_id = ref.model_id
+    if backend.score_kind != ref.score_kind:
+        raise ModelError(
+            f"backend {ref.backend!r} scores with {backend.score_kind}, registered as {ref.score_kind}"
+        )
     expected = read_input_spec(ref)
     if backend.input_spec != expected:
         raise ModelError(

@@ -8,13 +8,11 @@ one file plus one registration in `textseg.models`.
 from __future__ import annotations
 
 import abc
-from typing import Literal
 
 import torch
 
+from textseg.models import ScoreKind
 from textseg.models.input_spec import InputSpec
-
-ScoreKind = Literal["sigmoid", "softmax"]
 
 
 class SegmentationBackend(abc.ABC, torch.nn.Module):

@@ -1,0 +1,86 @@
+"""Large images as windows through the whole plan: cut, scored per window, blended back into one mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from PIL import Image
+
+import textseg
+from textseg import geo
+from textseg.storage import filesystem_for
+from textseg.windows import Window
+
+PROMPTS = "red,green"
+
+
+def label(source, dest, model_dir, runner="local", **options):
+    return textseg.label(
+        str(source),
+        str(dest),
+        runner=runner,
+        model=str(model_dir),
+        prompts=PROMPTS,
+        device="cpu",
+        threshold=0.5,
+        **options,
+    )
+
+
+def scene_pixels(height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 2] = (200, 30, 30)
+    return pixels
+
+
+def test_large_png_is_labeled_through_windows_into_one_png_mask_and_one_row(tmp_path, tiny_clipseg_dir):
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(scene_pixels(150, 230)).save(tmp_path / "imgs" / "big.png")
+    summary = label(tmp_path / "imgs", tmp_path / "out", tiny_clipseg_dir, tile_size=96, tile_overlap=16)
+    assert (summary.listed, summary.ok, summary.error) == (1, 1, 0)
+    with Image.open(tmp_path / "out" / "masks" / "big.png") as mask:
+        assert mask.mode == "P" and mask.size == (230, 150)
+        labels = np.asarray(mask)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    rows = pq.read_table(tmp_path / "out" / "metadata" / summary.run_id).to_pylist()
+    assert [(r["relpath"], r["status"], r["width"], r["height"]) for r in rows] == [
+        ("big.png", "ok", 230, 150)
+    ]
+    fractions = np.bincount(labels.ravel(), minlength=3) / labels.size
+    assert rows[0]["class_pixel_fraction"] == pytest.approx(fractions.tolist(), abs=1e-6)
+    assert not (tmp_path / "out" / "_work").exists()  # the scratch area is gone after the run
+
+
+def test_georeferenced_geotiff_scene_gets_a_tiled_geotiff_mask_on_the_same_grid(
+    tmp_path, tiny_clipseg_dir, ray_session
+):
+    georef = geo.GeoRef("EPSG:32633", (0.5, 0.0, 500000.0, 0.0, -0.5, 6000000.0), 230, 150)
+    (tmp_path / "imgs").mkdir()
+    fs, path = filesystem_for(str(tmp_path / "imgs" / "scene.tif"))
+    geo.write_geotiff_rgb(fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64)
+    summary = label(
+        tmp_path / "imgs", tmp_path / "out", tiny_clipseg_dir, runner="ray", tile_size=96, tile_overlap=16
+    )
+    assert (summary.listed, summary.ok, summary.error) == (1, 1, 0)
+    with rasterio.open(tmp_path / "out" / "masks" / "scene.tif") as mask:
+        assert (mask.width, mask.height, mask.count, mask.dtypes[0]) == (230, 150, 1, "uint8")
+        assert mask.crs.to_string() == "EPSG:32633" and tuple(mask.transform)[:6] == georef.transform
+        assert mask.profile["tiled"] and mask.compression is not None
+    row = pq.read_table(tmp_path / "out" / "metadata" / summary.run_id).to_pylist()[0]
+    assert row["crs"] == "EPSG:32633"
+    assert row["bounds"] == pytest.approx([500000.0, 6000000.0 - 75.0, 500000.0 + 115.0, 6000000.0])
+    assert row["mask_uri"].endswith("masks/scene.tif")
+
+
+def test_xyz_tile_rows_carry_web_mercator_bounds(tmp_path, tiny_clipseg_dir):
+    tile = tmp_path / "tiles" / "1" / "1" / "0.png"
+    tile.parent.mkdir(parents=True)
+    Image.fromarray(scene_pixels(64, 64)).save(tile)
+    summary = label(tmp_path / "tiles", tmp_path / "out", tiny_clipseg_dir)
+    row = pq.read_table(tmp_path / "out" / "metadata" / summary.run_id).to_pylist()[0]
+    half = geo.WEB_MERCATOR_HALF_EXTENT
+    assert row["crs"] == "EPSG:3857" and row["bounds"] == pytest.approx([0.0, 0.0, half, half])
+    assert row["bounds_wgs84"][0] == pytest.approx(0.0) and row["bounds_wgs84"][2] == pytest.approx(180.0)
