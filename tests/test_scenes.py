@@ -84,3 +84,21 @@ def test_xyz_tile_rows_carry_web_mercator_bounds(tmp_path, tiny_clipseg_dir):
     half = geo.WEB_MERCATOR_HALF_EXTENT
     assert row["crs"] == "EPSG:3857" and row["bounds"] == pytest.approx([0.0, 0.0, half, half])
     assert row["bounds_wgs84"][0] == pytest.approx(0.0) and row["bounds_wgs84"][2] == pytest.approx(180.0)
+
+
+def test_vectors_of_a_windowed_geotiff_scene_are_merged_across_window_borders(tmp_path, tiny_clipseg_dir):
+    """With every pixel scored alike (a threshold of 0 and one prompt), the scene is one region of class
+    1 cut by every window border; the merged GeoParquet must hold it as one polygon of the scene's area."""
+    geopandas = pytest.importorskip("geopandas")
+    georef = geo.GeoRef("EPSG:32633", (0.5, 0.0, 500000.0, 0.0, -0.5, 6000000.0), 230, 150)
+    (tmp_path / "imgs").mkdir()
+    fs, path = filesystem_for(str(tmp_path / "imgs" / "scene.tif"))
+    geo.write_geotiff_rgb(fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64)
+    summary = textseg.label(str(tmp_path / "imgs"), str(tmp_path / "out"), runner="local", model=str(tiny_clipseg_dir),
+                            prompts="anything", device="cpu", threshold=0.0, tile_size=96, tile_overlap=16,
+                            vectors=True)
+    assert summary.ok == 1 and summary.polygons == 1
+    frame = geopandas.read_parquet(tmp_path / "out" / "vectors" / f"{summary.run_id}.parquet")
+    assert frame.crs.to_epsg() == 4326 and list(frame["class"]) == ["anything"]
+    assert frame["area_m2"].iloc[0] == pytest.approx(115.0 * 75.0, rel=0.01)
+    assert frame["source"].iloc[0] == "scene.tif"

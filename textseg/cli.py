@@ -61,6 +61,19 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
     parser.add_argument("--tile-size", type=int, help="split images larger than this into windows (pixels)")
     parser.add_argument("--tile-overlap", type=int, help="overlap between windows in pixels (default 64)")
     parser.add_argument(
+        "--vectors",
+        action="store_true",
+        default=None,
+        help="also write polygons per class to DEST/vectors/<run_id>.parquet (GeoParquet, EPSG:4326) for "
+        "georeferenced images (GeoTIFF, z/x/y tiles); pieces cut by tile or window borders are merged",
+    )
+    parser.add_argument(
+        "--vector-simplify", type=float, help="polygon simplification tolerance in pixels (default 1)"
+    )
+    parser.add_argument(
+        "--vector-min-area", type=float, help="drop polygons smaller than this, m^2 (default 0)"
+    )
+    parser.add_argument(
         "--storage-option",
         dest="storage_options",
         action="append",

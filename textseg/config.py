@@ -43,6 +43,10 @@ class JobConfig:
     dry_run: bool = False
     tile_size: int | None = None
     tile_overlap: int = 64
+    vectors: bool = False  # also write polygons per class as GeoParquet (georeferenced images only)
+    # 1 px removes the pixel staircase whatever the ground resolution; 0 keeps exact pixel outlines.
+    vector_simplify: float = 1.0
+    vector_min_area: float = 0.0  # m^2; smaller polygons are dropped
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     # 1%: a nightly job should fail loudly when more than a sliver of its input is unreadable.
     max_error_rate: float = 0.01
@@ -66,6 +70,8 @@ class JobConfig:
             raise ConfigError(f"--tile-overlap must be >= 0, got {self.tile_overlap}")
         if self.tile_size is not None and self.tile_overlap * 2 >= self.tile_size:
             raise ConfigError("--tile-overlap must be less than half of --tile-size")
+        if self.vector_simplify < 0 or self.vector_min_area < 0:
+            raise ConfigError("--vector-simplify and --vector-min-area must be >= 0")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"--max-error-rate {self.max_error_rate} is outside [0, 1]")
         self._move_uri_credentials_into_storage_options()

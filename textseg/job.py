@@ -26,9 +26,10 @@ from textseg.metadata import RunSummary, metadata_dir, new_run_id, summary_path
 from textseg.models import ModelRef, read_input_spec, resolve_model
 from textseg.models.input_spec import InputSpec
 from textseg.ontology import Ontology
-from textseg.scenes import AssemblySettings, scratch_uri
+from textseg.scenes import VECTOR_PARTS, AssemblySettings, scratch_uri
 from textseg.sources import WindowPlan
 from textseg.stages import DecodeSettings, WriteSettings, work_rows
+from textseg.vectors import VectorSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class JobPlan:
             ontology_hash=self.ontology.stable_hash(),
             run_id=self.run_id,
             scratch_uri=self.scratch_uri,
+            vectors=self.vector_settings,
         )
 
     @property
@@ -84,7 +86,18 @@ class JobPlan:
             model_id=self.model.model_id,
             ontology_hash=self.ontology.stable_hash(),
             run_id=self.run_id,
+            vectors=self.vector_settings,
         )
+
+    @property
+    def vector_settings(self) -> VectorSettings | None:
+        if not self.config.vectors:
+            return None
+        return VectorSettings(self.config.vector_simplify, self.config.vector_min_area)
+
+    @property
+    def vectors_uri(self) -> str:
+        return storage.join_uri(self.config.dest, f"vectors/{self.run_id}.parquet")
 
     @property
     def metadata_uri(self) -> str:
@@ -169,11 +182,28 @@ def finish(plan: JobPlan) -> RunSummary:
         )
     else:
         summary.status = "succeeded"
+    if plan.config.vectors:
+        summary.polygons = _merge_vectors(plan)
     storage.write_bytes_atomic(
         dest_fs, storage.join_uri(dest_root, summary_path(plan.run_id)), summary.to_json().encode()
     )
     _remove_scratch(plan)
     return summary
+
+
+def _merge_vectors(plan: JobPlan) -> int:
+    """Join the run's polygon parts into DEST/vectors/<run_id>.parquet, merging pieces cut by tile or
+    window borders; returns the number of polygons written."""
+    from textseg.vectors import merge_across_borders, read_geoparquet, write_geoparquet
+
+    fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
+    records = [
+        r for path in sorted(fs.glob(f"{root}/{VECTOR_PARTS}/*.parquet")) for r in read_geoparquet(fs, path)
+    ]
+    merged = merge_across_borders(records) if records else []
+    out_fs, out_path = storage.filesystem_for(plan.vectors_uri, plan.config.storage_options)
+    write_geoparquet(merged, out_fs, out_path)
+    return len(merged)
 
 
 def _remove_scratch(plan: JobPlan) -> None:

@@ -24,22 +24,31 @@ from textseg.windows import SCORE_LEVELS
 class Labeler:
     """Callable on batches: Ray Data's actor pool constructs it once per actor and calls it per batch."""
 
-    def __init__(self, model: ModelRef, ontology: Ontology, device: str = "auto", batch_size: int = 8):
+    def __init__(
+        self,
+        model: ModelRef,
+        ontology: Ontology,
+        device: str = "auto",
+        batch_size: int = 8,
+        keep_scores: bool = False,
+    ):
+        """keep_scores: also ship whole images' quantized class scores (vectors need per-polygon scores)."""
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
+        self.keep_scores = keep_scores
         self.backend = load_model(model, str(self.device)).eval()
         self.grouping = ClassGrouping(tuple(ontology.prompt_class_index), tuple(ontology.thresholds))
         with torch.inference_mode():
             self.prompt_embeddings = self.backend.embed_prompts(ontology.prompts)
 
     def __call__(self, batch: Batch) -> Batch:
-        """Adds `labels` (raw (H, W) uint8 bytes of a whole image), `window_scores` (raw (1 + K, h, w)
-        uint8 class scores of a window), `class_pixel_count` and `class_score_sum` ((B, 1 + K), background
-        first); drops the model-size `pixels`."""
+        """Adds `labels` (raw (H, W) uint8 bytes of a whole image), `scores` (raw (1 + K, h, w) uint8
+        class scores of a window, or of a whole image with keep_scores), `class_pixel_count` and
+        `class_score_sum` ((B, 1 + K), background first); drops the model-size `pixels`."""
         count = len(batch["relpath"])
         bins = self.grouping.num_classes + 1
         labels = np.full(count, b"", dtype=object)
-        window_scores = np.full(count, b"", dtype=object)
+        quantized_scores = np.full(count, b"", dtype=object)
         pixel_counts = np.zeros((count, bins), dtype=np.int64)
         score_sums = np.zeros((count, bins), dtype=np.float64)
         elapsed = batch["elapsed_ms"].astype(np.float64)
@@ -53,9 +62,10 @@ class Labeler:
                 for j, i in enumerate(chunk):
                     size = (int(batch["height"][i]), int(batch["width"][i]))
                     scores = class_scores(logits[j], size, self.grouping, self.backend.score_kind)
-                    if batch["windowed"][i]:
+                    if batch["windowed"][i] or self.keep_scores:
                         quantized = (scores.clamp(0, 1) * SCORE_LEVELS).round().to(torch.uint8)
-                        window_scores[i] = quantized.cpu().numpy().tobytes()
+                        quantized_scores[i] = quantized.cpu().numpy().tobytes()
+                    if batch["windowed"][i]:
                         continue
                     nodata = unpack_nodata(batch["nodata"][i], *size)
                     result = labels_from_scores(
@@ -71,7 +81,7 @@ class Labeler:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(
             labels=labels,
-            window_scores=window_scores,
+            scores=quantized_scores,
             class_pixel_count=pixel_counts,
             class_score_sum=score_sums,
             elapsed_ms=elapsed,

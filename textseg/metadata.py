@@ -90,6 +90,7 @@ class RunSummary:
     error: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     top_errors: list[tuple[str, int]] = field(default_factory=list)
+    polygons: int | None = None  # with --vectors: polygons written to DEST/vectors/<run_id>.parquet
     status: str = "running"
 
     @property

@@ -30,7 +30,10 @@ def rows_to_batch(rows: Sequence[dict[str, Any]]) -> Batch:
 
 def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> None:
     """Label `plan.rows` in this process and write `DEST/metadata/<run_id>/part-000000.parquet`."""
-    labeler = Labeler(plan.model, plan.ontology, plan.config.device, batch_size) if plan.rows else None
+    config = plan.config
+    labeler = (
+        Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors) if plan.rows else None
+    )
     tables = [pa.Table.from_pylist([], schema=METADATA_SCHEMA)]
     with tqdm(total=len(plan.rows), unit="img", disable=not progress) as bar:
         for start in range(0, len(plan.rows), batch_size):

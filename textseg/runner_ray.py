@@ -64,6 +64,7 @@ def run_ray(plan: JobPlan) -> None:
             "ontology": plan.ontology,
             "device": "cuda" if use_gpu else "cpu",
             "batch_size": batch_size,
+            "keep_scores": config.vectors,
         },
         batch_size=batch_size,
         batch_format="numpy",

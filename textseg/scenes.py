@@ -31,10 +31,12 @@ from textseg.geo import GeoRef
 from textseg.masks import encode_png_mask
 from textseg.metadata import METADATA_SCHEMA
 from textseg.models import ScoreKind
-from textseg.windows import Window, blend, grid_windows
+from textseg.vectors import VectorSettings, polygons_from_labels, write_geoparquet
+from textseg.windows import Window, blend, grid_windows, quantize_scores
 
 SCRATCH_DIR = "_work"
 MANIFEST = "scene.json"
+VECTOR_PARTS = "vectors"  # polygons of this run's images and scenes, merged into DEST/vectors/ at the end
 BLOCK_SIZE = 512  # output blocks: the GeoTIFF mask's internal tiles
 
 
@@ -110,6 +112,7 @@ class AssemblySettings:
     model_id: str
     ontology_hash: str
     run_id: str
+    vectors: VectorSettings | None  # None: no polygons
 
 
 def manifest_uris(settings: AssemblySettings) -> list[str]:
@@ -141,6 +144,12 @@ def assemble_scene(manifest_uri: str, settings: AssemblySettings) -> dict[str, A
         try:
             _write_mask(blender.blocks(), manifest, settings)
             mask_uri = storage.join_uri(settings.dest, f"masks/{manifest.mask_relpath}")
+            if blender.polygons:
+                scratch_fs, scratch_root = storage.filesystem_for(
+                    settings.scratch_uri, settings.storage_options
+                )
+                part = f"{scratch_root}/{VECTOR_PARTS}/scene-{scene_key(manifest.relpath)}.parquet"
+                write_geoparquet(blender.polygons, scratch_fs, part)
         except Exception as err:  # noqa: BLE001 - a failed assembly is this scene's error row
             error = storage.redact(f"cannot assemble the scene's mask: {type(err).__name__}: {err}", secrets)
     elapsed = manifest.decode_ms + blender.model_ms + (time.perf_counter() - started) * 1000
@@ -195,6 +204,7 @@ class _SceneBlender:
         self.counts = [0] * len(settings.class_names)
         self.score_sums = [0.0] * len(settings.class_names)
         self.model_ms = 0.0
+        self.polygons: list[dict[str, Any]] = []
 
     def blocks(self) -> Iterator[tuple[Window, np.ndarray]]:
         """(block, labels (h, w) uint8) for every BLOCK_SIZE block of the scene."""
@@ -223,9 +233,20 @@ class _SceneBlender:
                 self.settings.score_kind,
                 torch.from_numpy(nodata) if nodata.any() else None,
             )
+            labels = result.labels.numpy()
+            georef = self.manifest.georef
+            if self.settings.vectors is not None and georef is not None:
+                self.polygons += polygons_from_labels(
+                    labels,
+                    georef.window_georef(block),
+                    self.settings.class_names,
+                    quantize_scores(scores),
+                    self.manifest.relpath,
+                    self.settings.vectors,
+                )
             self.counts = [a + b for a, b in zip(self.counts, result.class_pixel_count, strict=True)]
             self.score_sums = [a + b for a, b in zip(self.score_sums, result.class_score_sum, strict=True)]
-            yield block, result.labels.numpy()
+            yield block, labels
 
     def _load(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         if window not in self.loaded:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ from textseg.listing import ImageRef, mask_relpath
 from textseg.masks import encode_png_mask
 from textseg.metadata import METADATA_SCHEMA, STATUS_ERROR, STATUS_OK, class_statistics
 from textseg.models.input_spec import InputSpec
-from textseg.scenes import SceneManifest, scene_key, write_window_error, write_window_result
+from textseg.scenes import VECTOR_PARTS, SceneManifest, scene_key, write_window_error, write_window_result
 from textseg.sources import Piece, WindowPlan, open_source, resized
+from textseg.vectors import VectorSettings, polygons_from_labels, write_geoparquet
 from textseg.windows import Window
 
 Batch = dict[str, np.ndarray]
@@ -60,6 +62,7 @@ class WriteSettings:
     ontology_hash: str
     run_id: str
     scratch_uri: str
+    vectors: VectorSettings | None  # None: no polygons
 
 
 def work_rows(refs: Iterable[ImageRef], problems: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
@@ -252,6 +255,7 @@ def encode_and_write(batch: Batch, settings: WriteSettings) -> pa.Table:
     secrets = storage.secret_values(settings.storage_options)
     dest_fs, dest_root = storage.filesystem_for(settings.dest, settings.storage_options)
     rows: list[dict[str, Any]] = []
+    polygons: list[dict[str, Any]] = []
     for i, relpath in enumerate(batch["relpath"]):
         started = time.perf_counter()
         error = str(batch["error"][i] or "")
@@ -267,6 +271,11 @@ def encode_and_write(batch: Batch, settings: WriteSettings) -> pa.Table:
                 labels = np.frombuffer(batch["labels"][i], dtype=np.uint8).reshape(height, width)
                 _write_mask(dest_fs, storage.join_uri(dest_root, target), labels, georef, settings.palette)
                 mask_uri = storage.join_uri(settings.dest, target)
+                if settings.vectors is not None and georef is not None:
+                    scores = _scores(batch, i, len(settings.class_names))
+                    polygons += polygons_from_labels(
+                        labels, georef, settings.class_names, scores, str(relpath), settings.vectors
+                    )
             except Exception as err:  # noqa: BLE001 - a failed write is this image's error row
                 error = storage.redact(f"cannot write the mask: {type(err).__name__}: {err}", secrets)
         rows.append(
@@ -288,7 +297,18 @@ def encode_and_write(batch: Batch, settings: WriteSettings) -> pa.Table:
                 run_id=settings.run_id,
             )
         )
+    if polygons:
+        fs, root = storage.filesystem_for(settings.scratch_uri, settings.storage_options)
+        # Named by the batch's images, so a retried task rewrites the same part instead of adding one.
+        name = hashlib.sha1("\0".join(str(r) for r in batch["relpath"]).encode()).hexdigest()[:24]
+        write_geoparquet(polygons, fs, f"{root}/{VECTOR_PARTS}/part-{name}.parquet")
     return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
+def _scores(batch: Batch, i: int, channels: int) -> np.ndarray:
+    """The row's (1 + K, H, W) uint8 class scores as the labeler shipped them."""
+    shape = (channels, int(batch["height"][i]), int(batch["width"][i]))
+    return np.frombuffer(batch["scores"][i], dtype=np.uint8).reshape(shape)
 
 
 def _georef(batch: Batch, i: int) -> GeoRef | None:
@@ -314,10 +334,7 @@ def _park_window(batch: Batch, i: int, settings: WriteSettings, error: str) -> N
     if error:
         write_window_error(fs, scene_dir, window, error)
         return
-    channels = len(settings.class_names)
-    scores = np.frombuffer(batch["window_scores"][i], dtype=np.uint8).reshape(
-        channels, window.height, window.width
-    )
+    scores = _scores(batch, i, len(settings.class_names))
     nodata = unpack_nodata(batch["nodata"][i], window.height, window.width)
     write_window_result(fs, scene_dir, window, scores, nodata, float(batch["elapsed_ms"][i]))
 
