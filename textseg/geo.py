@@ -17,13 +17,14 @@ parse, milliseconds) and its cached tiles go when it closes. Writes of whole ali
 cache (measured: a 16k x 16k mask adds ~20 MB).
 
 Storage: everything goes through fsspec, like every other byte textseg touches. A local file is handed to
-GDAL by path (its native I/O, and sidecar files work); on object stores GDAL reads through rasterio's
-`opener` with the fsspec filesystem, fetching only the byte ranges of the tiles a window needs, with
-directory listing switched off (GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR: no LIST request per open, so
-sidecar files such as `.aux.xml` are not looked for there). GDAL cannot write a tiled TIFF to an object
-store in one pass (it seeks back to patch tile offsets), so writes go to a local temporary file first and are
-then moved into place: `os.replace` on local disk, one upload on object stores (s3fs's multipart upload
-publishes the object only when it completes), so no reader ever sees half a file.
+GDAL by path (its native I/O); on object stores GDAL reads through rasterio's `opener` with the fsspec
+filesystem, fetching only the byte ranges of the tiles a window needs, with directory listing switched off
+(GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR: no LIST request per open). GDAL's `.aux.xml` sidecars are neither
+read nor written (GDAL_PAM_ENABLED=NO): a read must never write beside the source, and a GeoTIFF carries
+its georeferencing inside. GDAL cannot write a tiled TIFF to an object store in one pass (it seeks back to
+patch tile offsets), so writes go to a local temporary file first and are then moved into place:
+`os.replace` on local disk, one upload on object stores (s3fs's multipart upload publishes the object only
+when it completes), so no reader ever sees half a file.
 
 rasterio, pyproj and friends are the optional `geo` extra (`pip install 'textseg[geo]'`): they are imported
 inside the functions that need them, through `lazy_import`, whose error names that command.
@@ -227,7 +228,8 @@ def scene_size(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, int] | No
     Pillow's lazy open, with EXIF orientations 5-8 swapping width and height as `decoding.decode_image`
     does (the size a viewer shows). None (not recognised, damaged header) means: not a scene to cut into
     windows; decode the file the ordinary way, which gives the reason if it is bad. Storage errors (not
-    found, access denied) propagate.
+    found, access denied) propagate for non-TIFF files; GDAL reports every failure to open a TIFF alike,
+    so those are None too, and decoding names the reason.
     """
     if path.lower().endswith(_TIFF_SUFFIXES):
         rasterio = lazy_import("rasterio")
@@ -304,7 +306,7 @@ def scene_value_range(fs: fsspec.AbstractFileSystem, path: str) -> tuple[float, 
     Approximate, from GDAL's statistics over overviews or a sample of tiles (about the square root of
     their number), so it costs a small fraction of a full read and memory stays bounded; only scenes of
     types without a fixed white level (int16, 32-bit, float) need it. Statistics are not written back
-    beside the file (GDAL_PAM_ENABLED=NO: no `.aux.xml` appears in a read-only bucket).
+    beside the file (no `.aux.xml` appears, see `_open_raster`).
     """
     with _open_raster(fs, path) as dataset:
         return _value_range(dataset, _rgb_band_indexes(dataset))
@@ -376,12 +378,12 @@ def write_geotiff_rgb(
 def _open_raster(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[rasterio.io.DatasetReader]:
     """Open `path` on `fs` with GDAL (local: by path; elsewhere: through the fsspec filesystem)."""
     rasterio = lazy_import("rasterio")
-    if is_local(fs):
-        options: dict[str, Any] = {}
-        source: dict[str, Any] = {}
-    else:
-        options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-        source = {"opener": fs}
+    # No .aux.xml sidecars (module docstring): GDAL would write one beside the file after statistics.
+    options: dict[str, Any] = {"GDAL_PAM_ENABLED": "NO"}
+    source: dict[str, Any] = {}
+    if not is_local(fs):
+        options["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
+        source["opener"] = fs
     with rasterio.Env(**options), warnings.catch_warnings():
         # Plain images have no geotransform; that is an answer (None), not something to warn about.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -438,11 +440,10 @@ def _palette_lut(dataset: rasterio.io.DatasetReader) -> np.ndarray | None:
 
 def _value_range(dataset: rasterio.io.DatasetReader, indexes: list[int]) -> tuple[float, float] | None:
     rasterio = lazy_import("rasterio")
-    with rasterio.Env(GDAL_PAM_ENABLED="NO"):
-        try:
-            statistics = dataset.stats(indexes=indexes[:STATS_BANDS_MAX], approx=True)
-        except rasterio.errors.RasterioError:  # GDAL refuses statistics of a band with no valid sample
-            return None
+    try:
+        statistics = dataset.stats(indexes=indexes[:STATS_BANDS_MAX], approx=True)
+    except rasterio.errors.RasterioError:  # GDAL refuses statistics of a band with no valid sample
+        return None
     lows = [s.min for s in statistics if math.isfinite(s.min)]
     highs = [s.max for s in statistics if math.isfinite(s.max)]
     return (min(lows), max(highs)) if lows and highs else None
@@ -528,7 +529,7 @@ def _write_geotiff(
         # Same folder, so the final rename is atomic; a hidden name no listing of images picks up.
         temporary = os.path.join(folder, f".textseg-{uuid.uuid4().hex}.tif")
         try:
-            with rasterio.open(temporary, "w", **profile) as dataset:
+            with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(temporary, "w", **profile) as dataset:
                 write(dataset)
             with open(temporary, "rb+") as stream:
                 os.fsync(stream.fileno())  # else a crash right after the rename can leave an empty file
@@ -539,6 +540,6 @@ def _write_geotiff(
         return
     with tempfile.TemporaryDirectory(prefix="textseg-geotiff-") as folder:
         temporary = os.path.join(folder, "raster.tif")
-        with rasterio.open(temporary, "w", **profile) as dataset:
+        with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(temporary, "w", **profile) as dataset:
             write(dataset)
         call_with_retry(lambda: fs.put_file(temporary, path), f"write '{uri_for(fs, path)}'")

@@ -8,6 +8,7 @@ attempt. `finish` counts what landed in this run's metadata and writes the run s
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import itertools
@@ -70,7 +71,7 @@ class JobPlan:
             ontology_hash=self.ontology.stable_hash(),
             run_id=self.run_id,
             scratch_uri=self.scratch_uri,
-            vectors=self.vector_settings,
+            vectors=self.piece_vector_settings,
         )
 
     @property
@@ -86,7 +87,7 @@ class JobPlan:
             model_id=self.model.model_id,
             ontology_hash=self.ontology.stable_hash(),
             run_id=self.run_id,
-            vectors=self.vector_settings,
+            vectors=self.piece_vector_settings,
         )
 
     @property
@@ -94,6 +95,13 @@ class JobPlan:
         if not self.config.vectors:
             return None
         return VectorSettings(self.config.vector_simplify, self.config.vector_min_area)
+
+    @property
+    def piece_vector_settings(self) -> VectorSettings | None:
+        """For tiles and scene blocks: no area filter yet, so a building's sliver across a border survives
+        until the merge joins it to the rest (`_merge_vectors` filters after merging)."""
+        full = self.vector_settings
+        return None if full is None else dataclasses.replace(full, min_area_m2=0.0)
 
     @property
     def vectors_uri(self) -> str:
@@ -194,13 +202,15 @@ def finish(plan: JobPlan) -> RunSummary:
 def _merge_vectors(plan: JobPlan) -> int:
     """Join the run's polygon parts into DEST/vectors/<run_id>.parquet, merging pieces cut by tile or
     window borders; returns the number of polygons written."""
-    from textseg.vectors import merge_across_borders, read_geoparquet, write_geoparquet
+    from textseg.vectors import filter_by_area, merge_across_borders, read_geoparquet, write_geoparquet
 
     fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
     records = [
         r for path in sorted(fs.glob(f"{root}/{VECTOR_PARTS}/*.parquet")) for r in read_geoparquet(fs, path)
     ]
-    merged = merge_across_borders(records) if records else []
+    settings = plan.vector_settings
+    assert settings is not None
+    merged = filter_by_area(merge_across_borders(records), settings) if records else []
     out_fs, out_path = storage.filesystem_for(plan.vectors_uri, plan.config.storage_options)
     write_geoparquet(merged, out_fs, out_path)
     return len(merged)

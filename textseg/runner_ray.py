@@ -37,17 +37,32 @@ def connect(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
 
 
+def actor_pool(requested: int | None, use_gpu: bool, gpus: int, cpus: int) -> tuple[int, dict[str, Any]]:
+    """How many model actors, and what each reserves.
+
+    GPU: one GPU per actor, one actor per GPU the cluster has now (at least one: an autoscaling cluster
+    may start with none and add GPU nodes when the actor asks). The pool is sized explicitly, never left to
+    grow from one (PERF.md: Ray's GPU pools can start small and scale slowly).
+    CPU: half of the cluster's cores for the model (torch's threads follow the reservation through
+    OMP_NUM_THREADS), the other half for decoding and encoding.
+    """
+    if use_gpu:
+        return requested or max(1, gpus), {"num_gpus": 1}
+    actors = requested or 1
+    return actors, {"num_cpus": max(1, cpus // (2 * actors))}
+
+
 def run_ray(plan: JobPlan) -> None:
     """Run the plan on the connected Ray cluster; the metadata lands under `plan.metadata_uri`."""
     if not plan.rows:
         return
     config = plan.config
     connect(config.ray_address)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
-    actors = config.actors or (gpus if use_gpu else 1)
+    actors, actor_resources = actor_pool(config.actors, use_gpu, gpus, cpus)
     batch_size = config.batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
-    actor_resources: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     DataContext.get_current().enable_progress_bars = True
 
     dataset: ray.data.Dataset = ray.data.from_items(plan.rows)

@@ -32,8 +32,9 @@ How, and why each choice:
 - score: the mean of the class's score over the region's pixels, when scores are given.
 
 Large scenes are vectorised per block (with `GeoRef.window_georef`), and XYZ tiles per tile; a building
-cut by a block or tile border comes out in pieces, which `merge_across_borders` joins. `write_geoparquet`
-writes records as GeoParquet (with its `geo` metadata) through fsspec, atomically.
+cut by a block or tile border comes out in pieces, which `merge_across_borders` joins (`filter_by_area`
+then applies the area filter to whole objects). `write_geoparquet` writes records as GeoParquet (with its
+`geo` metadata) through fsspec, atomically; `read_geoparquet` reads them back.
 
 rasterio, shapely, pyproj and geopandas are the optional `geo` extra, imported at first use.
 """
@@ -51,7 +52,7 @@ import fsspec
 import numpy as np
 
 from textseg.geo import WGS84, GeoRef, lazy_import
-from textseg.storage import write_bytes_atomic
+from textseg.storage import read_bytes, write_bytes_atomic
 from textseg.windows import SCORE_LEVELS
 
 BACKGROUND = 0
@@ -155,12 +156,13 @@ def merge_across_borders(
     unchanged. A group is unioned robustly: every piece is grown by snap_degrees (mitred corners), the
     union taken, and the result shrunk back by the same amount, which closes the floating-point slits two
     tiles leave along a shared border (their edge coordinates come from different arithmetic) and restores
-    square corners exactly. Side effect of the tolerance: same-class pieces touching only at a corner (which
-    4-connectivity keeps apart) join too, through a neck of about snap_degrees.
+    square corners exactly. Pieces that meet only at a corner point are grouped too, but the shrink parts
+    them again: they come back as separate polygons (re-measured, each with its own sources).
     A merged record: area_m2 recomputed (geodesic) on the union; score the area-weighted mean of its
     pieces' scores (None when none has one); source the sorted distinct sources of its pieces joined by
     "|" (`SOURCES_SEPARATOR`), so the column stays one string per row. Order: unchanged records first, in
-    input order, then merged ones by class.
+    input order, then merged ones by class. Pieces should come without an area filter (`filter_by_area`
+    after merging), or a sliver of an object beyond a border is lost before it can join.
     """
     shapely = lazy_import("shapely")
     if snap_degrees <= 0:
@@ -182,6 +184,15 @@ def merge_across_borders(
             union = shapely.buffer(shapely.union_all(grown[group]), -snap_degrees, join_style="mitre")
             merged.extend(_merged_records(pieces, union))
     return [records[i] for i in sorted(kept)] + merged
+
+
+def filter_by_area(records: Sequence[dict[str, Any]], settings: VectorSettings) -> list[dict[str, Any]]:
+    """The records whose area_m2 reaches their class's `settings.min_area_m2`, in order.
+
+    For pieces that will be merged: vectorise tiles or blocks with min_area_m2 = 0, merge, then filter,
+    so that a building's sliver across a border is not dropped before it can join the rest.
+    """
+    return [r for r in records if r["area_m2"] >= settings.min_area_for(int(r["class_index"]))]
 
 
 def write_geoparquet(records: Sequence[dict[str, Any]], fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -282,14 +293,13 @@ def _region_mean_scores(
     pixels of each region: one region id per pixel, then one weighted bincount per class.
     """
     features = lazy_import("rasterio.features")
-    region_ids = features.rasterize(
-        ((region, i + 1) for i, region in enumerate(regions)), out_shape=labels.shape, fill=0, dtype="int32"
-    )
+    traced = ((region, i + 1) for i, region in enumerate(regions) if classes[i] not in (BACKGROUND, NODATA))
+    region_ids = features.rasterize(traced, out_shape=labels.shape, fill=0, dtype="int32")
     sums = np.zeros(len(regions) + 1, dtype=np.float64)
     counts = np.zeros(len(regions) + 1, dtype=np.float64)
     for class_index in np.unique(classes):
         if class_index in (BACKGROUND, NODATA):
-            continue  # their regions' scores are never reported
+            continue  # not traced, never reported
         where = labels == class_index
         class_scores = scores[class_index][where].astype(np.float64)
         if scores.dtype == np.uint8:
@@ -392,10 +402,12 @@ def _merged_records(pieces: list[dict[str, Any]], union: Any) -> list[dict[str, 
 
 
 def read_geoparquet(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
-    """Records back from a file `write_geoparquet` wrote (the inverse, for merging a run's parts)."""
+    """Records back from a file `write_geoparquet` wrote (the inverse, for merging a run's parts).
+
+    Missing scores (null) come back as None, class_index as int; transient storage errors are retried.
+    """
     geopandas = lazy_import("geopandas")
-    with fs.open(path, "rb") as handle:
-        frame = geopandas.read_parquet(io.BytesIO(handle.read()))
+    frame = geopandas.read_parquet(io.BytesIO(read_bytes(fs, path)))
     records = frame.to_dict("records")
     for record in records:
         score = record.get("score")
