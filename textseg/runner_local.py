@@ -29,23 +29,23 @@ def rows_to_batch(rows: Sequence[dict[str, Any]]) -> Batch:
 
 
 def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> None:
-    """Label `plan.rows` in this process and write `DEST/metadata/<run_id>/part-000000.parquet`."""
+    """Label `plan.rows` in this process; the metadata lands as `DEST/metadata/<run_id>/part-*.parquet`.
+
+    One listed image at a time is decoded, so a scene's windows (possibly hundreds) are scored and parked
+    `batch_size` at a time: memory stays bounded by a window batch, as in the Ray plan.
+    """
     config = plan.config
-    labeler = (
-        Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors) if plan.rows else None
-    )
+    if not plan.rows:
+        return
+    labeler = Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors)
     tables = [pa.Table.from_pylist([], schema=METADATA_SCHEMA)]
-    with tqdm(total=len(plan.rows), unit="img", disable=not progress) as bar:
-        for start in range(0, len(plan.rows), batch_size):
-            batch = rows_to_batch(plan.rows[start : start + batch_size])
-            assert labeler is not None
-            labeled = labeler(read_and_decode(batch, plan.decode_settings))
-            tables.append(encode_and_write(labeled, plan.write_settings))
-            bar.update(len(batch["relpath"]))
-    write_metadata_part(
-        pa.concat_tables(tables), plan.metadata_uri, plan.config.storage_options, "part-000000"
-    )
+    for row in tqdm(plan.rows, unit="img", disable=not progress):
+        pieces = read_and_decode(rows_to_batch([row]), plan.decode_settings)
+        for start in range(0, len(pieces["relpath"]), batch_size):
+            chunk = {key: column[start : start + batch_size] for key, column in pieces.items()}
+            tables.append(encode_and_write(labeler(chunk), plan.write_settings))
+    write_metadata_part(pa.concat_tables(tables), plan.metadata_uri, config.storage_options, "part-000000")
     manifests = manifest_uris(plan.assembly_settings)
     if manifests:
         scenes = assemble_batch({"manifest_uri": np.array(manifests, dtype=object)}, plan.assembly_settings)
-        write_metadata_part(scenes, plan.metadata_uri, plan.config.storage_options, "part-scenes-000000")
+        write_metadata_part(scenes, plan.metadata_uri, config.storage_options, "part-scenes-000000")

@@ -1,0 +1,191 @@
+"""The CLIPSeg backend's fast path gives the logits of `CLIPSegForImageSegmentation.forward`, and loads
+the way the hub checkpoint does."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer
+
+from tests.tiny_models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TINY_IMAGE_SIZE,
+    make_tiny_clipseg,
+    tiny_clip_tokenizer,
+    tiny_clipseg_config,
+    tiny_clipseg_model,
+    tiny_clipseg_processor,
+)
+from textseg.models.clipseg import ClipSegBackend, load_clipseg
+from textseg.models.input_spec import InputSpec
+
+PROMPTS = ["building", "a road", "water"]
+TOLERANCE = 1e-4  # fp32 on CPU; measured gaps are ~1e-7 on logits of order one
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a loaded shared machine OpenMP threads waiting
+    for each other made this module ~10x slower (24 s vs 2.5 s measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(
+    scope="module", params=[True, False], ids=["complex_transposed_conv", "plain_transposed_conv"]
+)
+def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_tiny_clipseg(
+        tmp_path_factory.mktemp("clipseg"), use_complex_transposed_convolution=request.param
+    )
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_dir: pathlib.Path) -> ClipSegBackend:
+    return load_clipseg(str(tiny_dir))
+
+
+def usual_recipe_logits(
+    model: CLIPSegForImageSegmentation,
+    tokenizer: CLIPTokenizer,
+    pixel_values: torch.Tensor,
+    prompts: list[str],
+) -> torch.Tensor:
+    """The documented recipe for one image: K copies of it, one prompt each -> (K, h, w)."""
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            pixel_values=pixel_values[None].expand(len(prompts), -1, -1, -1),
+        ).logits
+    return logits.reshape(len(prompts), *logits.shape[-2:])  # forward squeezes K == 1 away
+
+
+def assert_matches_usual_recipe(
+    backend: ClipSegBackend, pixel_values: torch.Tensor, prompts: list[str]
+) -> None:
+    fast = backend.score(pixel_values, backend.embed_prompts(prompts))
+    assert fast.shape[:2] == (pixel_values.shape[0], len(prompts))
+    for image, fast_logits in zip(pixel_values, fast, strict=True):
+        reference = usual_recipe_logits(backend.model, backend.tokenizer, image, prompts)
+        assert fast_logits.shape == reference.shape
+        assert (fast_logits - reference).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("prompt_count", [1, 3])
+def test_score_equals_forward_for_every_image_and_prompt(backend: ClipSegBackend, prompt_count: int) -> None:
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    assert_matches_usual_recipe(backend, pixel_values, PROMPTS[:prompt_count])
+
+
+def test_score_equals_forward_when_position_embeddings_are_interpolated(backend: ClipSegBackend) -> None:
+    # rd64-refined reads 352 px images with 224 px position tables; 96 px on a 64 px model does the same.
+    torch.manual_seed(2)
+    assert_matches_usual_recipe(backend, torch.randn(2, 3, 96, 96), PROMPTS)
+
+
+def test_score_keeps_batch_and_prompt_axes_for_one_image_and_one_prompt(backend: ClipSegBackend) -> None:
+    logits = backend.score(
+        torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), backend.embed_prompts(["road"])
+    )
+    assert logits.shape == (1, 1, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+
+
+def test_score_equals_forward_when_a_later_decoder_layer_is_conditioned() -> None:
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_clipseg_model(tiny_clipseg_config(tokenizer, conditional_layer=1))
+    spec = InputSpec(size=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE))
+    backend = ClipSegBackend(model, tokenizer, spec, model_id="tiny-conditional-layer-1")
+    torch.manual_seed(3)
+    assert_matches_usual_recipe(backend, torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), PROMPTS)
+
+
+def test_vision_encoder_stops_at_the_deepest_layer_the_decoder_reads(backend: ClipSegBackend) -> None:
+    layers = backend.model.clip.vision_model.encoder.layers
+    deepest = max(backend.model.config.extract_layers)
+    assert deepest < len(layers) - 1, "the tiny model must have a layer past the deepest one read"
+    calls: list[int] = []
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    try:
+        backend.score(torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), backend.embed_prompts(PROMPTS))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == list(range(deepest + 1))  # each layer once per batch, not once per prompt
+
+
+def test_load_reads_input_spec_model_id_and_fp32_weights_from_the_saved_directory(
+    backend: ClipSegBackend, tiny_dir: pathlib.Path
+) -> None:
+    assert backend.input_spec == InputSpec(
+        size=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE),
+        resample=2,
+        rescale_factor=1 / 255,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    assert backend.model_id == str(tiny_dir)
+    assert backend.score_kind == "sigmoid"
+    assert backend.model.config._attn_implementation == "sdpa"
+    embeddings = backend.embed_prompts(PROMPTS)
+    assert embeddings.shape == (len(PROMPTS), backend.model.config.projection_dim)
+    assert embeddings.dtype == torch.float32
+    torch.manual_seed(0)
+    rebuilt = tiny_clipseg_model(backend.model.config)
+    for name, tensor in rebuilt.state_dict().items():
+        assert torch.equal(backend.model.state_dict()[name], tensor), name
+
+
+def test_normalize_reproduces_the_processor_pixels(backend: ClipSegBackend, tiny_dir: pathlib.Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=np.uint8)
+    processor = CLIPSegProcessor.from_pretrained(tiny_dir)
+    expected = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    actual = backend.normalize(torch.from_numpy(pixels)[None])
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_bf16_weights_score_close_to_fp32(backend: ClipSegBackend, tiny_dir: pathlib.Path) -> None:
+    # The CUDA default; checked on CPU here so the dtype plumbing (normalize, embeddings, FiLM) is covered.
+    bf16 = load_clipseg(str(tiny_dir), dtype=torch.bfloat16)
+    pixels = torch.randint(0, 256, (2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=torch.uint8)
+    logits = bf16.score(bf16.normalize(pixels), bf16.embed_prompts(PROMPTS))
+    reference = backend.score(backend.normalize(pixels), backend.embed_prompts(PROMPTS))
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
+
+
+def test_score_rejects_embeddings_of_the_wrong_width_saying_what_to_change(backend: ClipSegBackend) -> None:
+    width = backend.model.config.projection_dim
+    with pytest.raises(ValueError, match=rf"feature dimension \({width + 1}\).*projection_dim \({width}\)"):
+        backend.score(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), torch.randn(2, width + 1))
+
+
+def test_score_rejects_pixels_that_are_not_batched_rgb(backend: ClipSegBackend) -> None:
+    with pytest.raises(ValueError, match="backend.normalize"):
+        backend.score(torch.randn(3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), backend.embed_prompts(["road"]))
+
+
+def test_backend_refuses_a_config_that_never_conditions_on_the_prompt() -> None:
+    tokenizer = tiny_clip_tokenizer()
+    model = CLIPSegForImageSegmentation(tiny_clipseg_config(tokenizer, conditional_layer=2))
+    with pytest.raises(ValueError, match="conditional_layer"):
+        ClipSegBackend(model, tokenizer, InputSpec(size=(64, 64)), model_id="never-conditioned")
+
+
+def test_tiny_processor_loads_back_as_clipseg_processor(tiny_dir: pathlib.Path) -> None:
+    processor = CLIPSegProcessor.from_pretrained(tiny_dir)
+    saved = tiny_clipseg_processor(tiny_clip_tokenizer())
+    assert processor.tokenizer(PROMPTS)["input_ids"] == saved.tokenizer(PROMPTS)["input_ids"]
