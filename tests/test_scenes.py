@@ -94,11 +94,60 @@ def test_vectors_of_a_windowed_geotiff_scene_are_merged_across_window_borders(tm
     (tmp_path / "imgs").mkdir()
     fs, path = filesystem_for(str(tmp_path / "imgs" / "scene.tif"))
     geo.write_geotiff_rgb(fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64)
-    summary = textseg.label(str(tmp_path / "imgs"), str(tmp_path / "out"), runner="local", model=str(tiny_clipseg_dir),
-                            prompts="anything", device="cpu", threshold=0.0, tile_size=96, tile_overlap=16,
-                            vectors=True)
+    summary = textseg.label(
+        str(tmp_path / "imgs"),
+        str(tmp_path / "out"),
+        runner="local",
+        model=str(tiny_clipseg_dir),
+        prompts="anything",
+        device="cpu",
+        threshold=0.0,
+        tile_size=96,
+        tile_overlap=16,
+        vectors=True,
+    )
     assert summary.ok == 1 and summary.polygons == 1
     frame = geopandas.read_parquet(tmp_path / "out" / "vectors" / f"{summary.run_id}.parquet")
     assert frame.crs.to_epsg() == 4326 and list(frame["class"]) == ["anything"]
     assert frame["area_m2"].iloc[0] == pytest.approx(115.0 * 75.0, rel=0.01)
     assert frame["source"].iloc[0] == "scene.tif"
+
+
+def test_synth_xyz_pyramid_labeled_with_vectors_merges_polygons_across_tile_borders(
+    tmp_path, tiny_clipseg_dir
+):
+    """Threshold 0 with one prompt labels every pixel of every tile as one class: the 2 x 2 tiles' pieces
+    must come back as one polygon covering the four tiles (Web Mercator tiles: area from their bounds)."""
+    geopandas = pytest.importorskip("geopandas")
+    from textseg.cli import main
+
+    assert (
+        main(["synth", str(tmp_path / "pyramid"), "--xyz", "12/2200/1343", "--n", "2", "--size", "64"]) == 0
+    )
+    images = tmp_path / "pyramid" / "images"
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png")) == [
+        "12/2200/1343.png",
+        "12/2200/1344.png",
+        "12/2201/1343.png",
+        "12/2201/1344.png",
+    ]
+    summary = textseg.label(
+        str(images),
+        str(tmp_path / "out"),
+        runner="local",
+        model=str(tiny_clipseg_dir),
+        prompts="land",
+        device="cpu",
+        threshold=0.0,
+        vectors=True,
+    )
+    assert summary.ok == 4 and summary.polygons == 1
+    frame = geopandas.read_parquet(tmp_path / "out" / "vectors" / f"{summary.run_id}.parquet")
+    tiles = [geo.xyz_georef(12, x, y, 64, 64) for x in (2200, 2201) for y in (1343, 1344)]
+    import shapely.geometry
+
+    from textseg.vectors import geodesic_area_m2
+
+    expected = sum(geodesic_area_m2(shapely.geometry.box(*t.bounds_wgs84)) for t in tiles)
+    assert frame["area_m2"].iloc[0] == pytest.approx(expected, rel=0.01)
+    assert frame["source"].iloc[0].count("|") == 3  # the four tiles' pieces, merged

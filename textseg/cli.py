@@ -146,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, default=100, help="number of tiles (default 100)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed; tile i uses default_rng([seed, i])")
     synth.add_argument("--size", type=int, default=256, help="tile width and height in pixels (default 256)")
+    layout = synth.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--xyz",
+        metavar="Z/X/Y",
+        help="write an XYZ pyramid instead: --n x --n slippy-map tiles from tile Z/X/Y (images/z/x/y.png)",
+    )
+    layout.add_argument(
+        "--geotiff",
+        metavar="WIDTHxHEIGHT",
+        help="write one georeferenced tiled GeoTIFF scene of this size instead (UTM 33N, 0.5 m pixels)",
+    )
     synth.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE")
     return parser
 
@@ -165,13 +176,32 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from textseg.training.synth import write_synth_dataset
+    options = parse_storage_options(args.storage_options)
+    if args.xyz:
+        from textseg.geo_synth import write_xyz_pyramid
 
-    relpaths = write_synth_dataset(
-        args.dest, args.n, args.seed, args.size, parse_storage_options(args.storage_options)
-    )
-    print(f"wrote {len(relpaths)} synthetic tiles of {args.size} px under {args.dest}")
+        z, x, y = _ints(args.xyz, "/", 3, "--xyz Z/X/Y")
+        relpaths = write_xyz_pyramid(args.dest, z, x, y, args.n, args.n, args.seed, args.size, options)
+        print(f"wrote {len(relpaths)} XYZ tiles ({args.n} x {args.n} from {args.xyz}) under {args.dest}")
+    elif args.geotiff:
+        from textseg.geo_synth import write_geotiff_scene
+
+        width, height = _ints(args.geotiff, "x", 2, "--geotiff WIDTHxHEIGHT")
+        write_geotiff_scene(args.dest, width, height, args.seed, storage_options=options)
+        print(f"wrote a {width} x {height} georeferenced GeoTIFF scene under {args.dest}")
+    else:
+        from textseg.training.synth import write_synth_dataset
+
+        relpaths = write_synth_dataset(args.dest, args.n, args.seed, args.size, options)
+        print(f"wrote {len(relpaths)} synthetic tiles of {args.size} px under {args.dest}")
     return EXIT_OK
+
+
+def _ints(text: str, separator: str, count: int, what: str) -> list[int]:
+    parts = text.lower().split(separator)
+    if len(parts) != count or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{what}: got {text!r}")
+    return [int(p) for p in parts]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
