@@ -31,7 +31,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"synthesized {args.n} tiles with seed {seed} under {tiles}/images")
 
     status = textseg_main(
-        ["label", str(tiles / "images"), str(labels), "--model", "demo", "--ontology", str(tiles / "ontology.yaml")]
+        [
+            "label",
+            str(tiles / "images"),
+            str(labels),
+            "--model",
+            "demo",
+            "--ontology",
+            str(tiles / "ontology.yaml"),
+        ]
     )
     if status != 0:
         return status

@@ -25,11 +25,21 @@ print(json.dumps({"ok": summary.ok, "error": summary.error, "peak_mib": peak_kib
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from /proc")
 def test_16k_scene_is_labeled_with_peak_memory_under_2_gb(tmp_path, tiny_clipseg_dir):
-    write_geotiff_scene(str(tmp_path / "scene"), SIDE, SIDE, seed=7, render_block_size=2048, distinct_blocks=2)
+    write_geotiff_scene(
+        str(tmp_path / "scene"), SIDE, SIDE, seed=7, render_block_size=2048, distinct_blocks=2
+    )
     done = subprocess.run(
-        [sys.executable, "-c", LABEL_SCRIPT, str(tmp_path / "scene" / "images"), str(tmp_path / "out"),
-         str(tiny_clipseg_dir)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-c",
+            LABEL_SCRIPT,
+            str(tmp_path / "scene" / "images"),
+            str(tmp_path / "out"),
+            str(tiny_clipseg_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
