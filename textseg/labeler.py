@@ -36,6 +36,7 @@ class Labeler:
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
         self.keep_scores = keep_scores
+        self._pinned: torch.Tensor | None = None  # reused host staging buffer for GPU -> CPU copies
         self.backend = load_model(model, str(self.device)).eval()
         self.grouping = ClassGrouping(tuple(ontology.prompt_class_index), tuple(ontology.thresholds))
         with torch.inference_mode():
@@ -64,7 +65,7 @@ class Labeler:
                     scores = class_scores(logits[j], size, self.grouping, self.backend.score_kind)
                     if batch["windowed"][i] or self.keep_scores:
                         quantized = (scores.clamp(0, 1) * SCORE_LEVELS).round().to(torch.uint8)
-                        quantized_scores[i] = quantized.cpu().numpy().tobytes()
+                        quantized_scores[i] = self._to_host(quantized)
                     if batch["windowed"][i]:
                         continue
                     nodata = unpack_nodata(batch["nodata"][i], *size)
@@ -74,7 +75,7 @@ class Labeler:
                         self.backend.score_kind,
                         None if nodata is None else torch.from_numpy(nodata).to(self.device),
                     )
-                    labels[i] = result.labels.cpu().numpy().tobytes()
+                    labels[i] = self._to_host(result.labels)
                     pixel_counts[i] = result.class_pixel_count
                     score_sums[i] = result.class_score_sum
             elapsed[chunk] += (time.perf_counter() - started) * 1000 / len(chunk)
@@ -87,3 +88,16 @@ class Labeler:
             elapsed_ms=elapsed,
         )
         return out
+
+    def _to_host(self, values: torch.Tensor) -> bytes:
+        """uint8 tensor -> its raw bytes on the host. From a GPU, through one reused pinned buffer: copies
+        into fresh pageable memory run at page-fault speed (PERF.md: 1.2 vs 54.6 GB/s, 938 vs 1,690 img/s
+        end to end)."""
+        if values.device.type != "cuda":
+            return values.numpy().tobytes()
+        count = values.numel()
+        if self._pinned is None or self._pinned.numel() < count:
+            self._pinned = torch.empty(count, dtype=torch.uint8, pin_memory=True)
+        staging = self._pinned[:count]
+        staging.copy_(values.reshape(-1))
+        return staging.numpy().tobytes()
