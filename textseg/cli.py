@@ -111,7 +111,7 @@ def run_label(config: JobConfig) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textseg", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     label = commands.add_parser(
@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", help="write the report as JSON to this path or URI")
     evaluate.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE")
+
+    train = commands.add_parser(
+        "train",
+        help="train the fusion model on a labeled DEST or an images/ + masks/ folder",
+        description="Train textseg's fusion model (text embedding x image features) on class masks.",
+    )
+    if with_train_options:  # the trainer imports torch: seconds that `textseg label` should not pay
+        from textseg.training.trainer import add_train_arguments
+
+        add_train_arguments(train)
 
     synth = commands.add_parser(
         "synth",
@@ -175,6 +185,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from textseg.training.trainer import train, train_config_from_args
+
+    result = train(train_config_from_args(args))
+    print(json.dumps({k: result[k] for k in ("best_epoch", "best_val_miou", "out") if k in result}, indent=2))
+    return EXIT_OK
+
+
 def run_synth(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options)
     if args.xyz:
@@ -206,7 +224,8 @@ def _ints(text: str, separator: str, count: int, what: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_train_options="train" in argv[:1]).parse_args(argv)
     try:
         if args.command == "label":
             return run_label(label_config_from_args(args))
@@ -214,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "synth":
             return run_synth(args)
+        if args.command == "train":
+            return run_train(args)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"textseg: {err}", file=sys.stderr)
         return EXIT_JOB_ERROR
