@@ -8,13 +8,14 @@ or environment variables on its own. YAML keys are the CLI's long option names (
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
-from textseg.storage import split_credentials
+from textseg.storage import secret_values, split_credentials
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -106,20 +107,30 @@ _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
     """`KEY=VALUE` strings -> fsspec storage options; dotted keys nest (`client_kwargs.endpoint_url=...`).
 
-    Values `true`/`false` become booleans, so `anon=true` works as users expect.
+    Values `true`/`false` become booleans, so `anon=true` works as users expect, and numbers become int or
+    float (`config_kwargs.read_timeout=5`, `config_kwargs.retries.max_attempts=3`: botocore compares them
+    with numbers and fails on strings). Secret values (`secret=1234...`) stay strings for redaction.
     """
     options: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--storage-option expects KEY=VALUE, got {pair.split('=')[0]!r}...")
-        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
-        target = options
         *parents, leaf = key.split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        if parsed is value and _NUMBER.fullmatch(value) and not secret_values(nested):
+            parsed = int(value) if value.lstrip("+-").isdigit() else float(value)
+        target = options
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = parsed
     return options
+
+
+_NUMBER = re.compile(r"[+-]?(\d+|\d*\.\d+|\d+\.\d*)([eE][+-]?\d+)?")
 
 
 def from_mapping(values: Mapping[str, Any]) -> JobConfig:

@@ -196,6 +196,12 @@ def finish(plan: JobPlan) -> RunSummary:
         dest_fs, storage.join_uri(dest_root, summary_path(plan.run_id)), summary.to_json().encode()
     )
     _remove_scratch(plan)
+    # Temporaries of writers killed mid-write before this run started (a killed run being resumed).
+    started_wall = time.time() - (time.perf_counter() - plan.started)
+    owned = ("masks", "metadata", "runs", "vectors")
+    removed = storage.remove_stale_temporaries(dest_fs, dest_root, owned, started_wall)
+    if removed:
+        log.info("removed %d temporary files of interrupted writes under DEST", len(removed))
     return summary
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +35,9 @@ T = TypeVar("T")
 # Protocols whose URI userinfo is an access key id (and secret), never a harmless user or container name.
 S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
-PROBE_PREFIX = ".textseg-probe-"
+# Every hidden file textseg writes starts with this: atomic-write temporaries and DEST write probes.
+TEMPORARY_PREFIX = ".textseg-"
+PROBE_PREFIX = TEMPORARY_PREFIX + "probe-"
 
 
 class StorageError(RuntimeError):
@@ -412,7 +415,7 @@ def _write_local_atomic(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     # Not named after the target: a long file name plus a suffix could exceed the 255-byte name limit.
     # Not tempfile.mkstemp: its 0600 mode would make every mask unreadable to other users of a shared disk.
-    temporary = os.path.join(folder, f".textseg-{uuid.uuid4().hex}.tmp")
+    temporary = os.path.join(folder, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as stream:
@@ -426,6 +429,38 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_stale_temporaries(
+    fs: fsspec.AbstractFileSystem, root: str, subfolders: Iterable[str], older_than: float
+) -> list[str]:
+    """Delete the hidden files (TEMPORARY_PREFIX) that writers killed mid-write left in `root` and below
+    its `subfolders`, on local disk; returns their paths. Object stores publish with one PUT, so there is
+    nothing to clean up there.
+
+    A SIGKILLed writer (a worker, or a whole run) cannot remove its temporary file; without this they pile
+    up beside the masks forever. Only files last modified before `older_than` (a time.time() value: the
+    start of a run that has finished) are removed, so a concurrent run's write in progress is left alone.
+    """
+    if not is_local(fs):
+        return []
+    removed: list[str] = []
+    folders = [(root, False)] + [(os.path.join(root, name), True) for name in subfolders]
+    for top, recursive in folders:
+        walk = os.walk(top) if recursive else [(top, [], os.listdir(top) if os.path.isdir(top) else [])]
+        for folder, _, files in walk:
+            for name in files:
+                if not name.startswith(TEMPORARY_PREFIX):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    status = os.lstat(path)
+                    if stat.S_ISREG(status.st_mode) and status.st_mtime < older_than:
+                        os.unlink(path)
+                        removed.append(path)
+                except FileNotFoundError:
+                    continue  # renamed or removed by its writer meanwhile
+    return removed
 
 
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
