@@ -151,3 +151,17 @@ def test_synth_xyz_pyramid_labeled_with_vectors_merges_polygons_across_tile_bord
     expected = sum(geodesic_area_m2(shapely.geometry.box(*t.bounds_wgs84)) for t in tiles)
     assert frame["area_m2"].iloc[0] == pytest.approx(expected, rel=0.01)
     assert frame["source"].iloc[0].count("|") == 3  # the four tiles' pieces, merged
+
+
+def test_scratch_of_a_run_killed_over_a_day_ago_is_removed_and_a_recent_one_kept(tmp_path, tiny_clipseg_dir):
+    from textseg.metadata import new_run_id
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(scene_pixels(40, 40)).save(tmp_path / "imgs" / "small.png")
+    killed = tmp_path / "out" / "_work" / "20200101T000000Z-abcdef" / "scenes" / "k"
+    recent = tmp_path / "out" / "_work" / new_run_id() / "scenes" / "k"
+    for folder in (killed, recent):
+        folder.mkdir(parents=True)
+        (folder / "scene.json").write_text("{}")
+    assert label(tmp_path / "imgs", tmp_path / "out", tiny_clipseg_dir).ok == 1
+    assert not killed.exists() and recent.exists()

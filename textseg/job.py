@@ -23,7 +23,7 @@ from textseg import storage
 from textseg.config import ConfigError, JobConfig
 from textseg.incremental import done_keys
 from textseg.listing import find_mask_collisions, list_images
-from textseg.metadata import RunSummary, metadata_dir, new_run_id, summary_path
+from textseg.metadata import RunSummary, metadata_dir, new_run_id, run_started_at, summary_path
 from textseg.models import ModelRef, read_input_spec, resolve_model
 from textseg.models.input_spec import InputSpec
 from textseg.ontology import Ontology
@@ -222,12 +222,23 @@ def _merge_vectors(plan: JobPlan) -> int:
     return len(merged)
 
 
+# A run's scratch area outlives it only when the run was killed; after this long it is certainly not a
+# concurrent run's any more (a nightly job restarts within a day), so a finishing run removes it.
+ABANDONED_SCRATCH_AGE = dt.timedelta(hours=24)
+
+
 def _remove_scratch(plan: JobPlan) -> None:
-    """Drop this run's scratch area, and the scratch folder itself once no run uses it (local disk)."""
+    """Drop this run's scratch area, the areas of runs killed over a day ago, and the scratch folder
+    itself once empty (local disk)."""
     fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
     if fs.exists(root):
         fs.rm(root, recursive=True)
     parent = root.rsplit("/", 1)[0]
+    cutoff = dt.datetime.now(dt.timezone.utc) - ABANDONED_SCRATCH_AGE
+    for other in fs.ls(parent, detail=False) if fs.exists(parent) else []:
+        started = run_started_at(other.rstrip("/").rsplit("/", 1)[-1])
+        if started is not None and started < cutoff:
+            fs.rm(other, recursive=True)
     if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
         fs.rmdir(parent)
 

@@ -64,6 +64,14 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+def run_started_at(run_id: str) -> dt.datetime | None:
+    """The start time a run id encodes (`new_run_id`), or None for a name that is not a run id."""
+    try:
+        return dt.datetime.strptime(run_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
 def metadata_dir(run_id: str) -> str:
     return f"metadata/{run_id}"
 
