@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from textseg.decoding import (
+from textseg.image.decoding import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
     ImageDecodeError,
@@ -484,5 +484,5 @@ def test_resize_for_model_refuses_non_rgb() -> None:
 
 
 def test_decoding_stays_light_to_import() -> None:
-    code = "import sys, textseg.decoding; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, textseg.image.decoding; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

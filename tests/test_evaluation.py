@@ -15,7 +15,7 @@ from PIL import Image
 
 from textseg import evaluation
 from textseg.evaluation import EvalError, confusion_matrix, evaluate_folders
-from textseg.masks import encode_png_mask
+from textseg.outputs.masks import encode_png_mask
 
 ND = 255  # no-data
 ONTOLOGY = "classes:\n  building: {prompts: [building]}\n  road: {prompts: [road, street]}\n"

@@ -24,7 +24,7 @@ from affine import Affine  # noqa: E402
 from rasterio.enums import ColorInterp  # noqa: E402
 from rasterio.errors import NotGeoreferencedWarning  # noqa: E402
 
-from textseg.geo import (  # noqa: E402
+from textseg.image.rasters import (  # noqa: E402
     WEB_MERCATOR_HALF_EXTENT,
     GeoRef,
     MissingGeoDependency,
@@ -39,7 +39,7 @@ from textseg.geo import (  # noqa: E402
 )
 from textseg.ontology import from_prompts  # noqa: E402
 from textseg.storage import filesystem_for  # noqa: E402
-from textseg.windows import Window, grid_windows, tile_windows  # noqa: E402
+from textseg.image.windows import Window, grid_windows, tile_windows  # noqa: E402
 
 UTM_33N = "EPSG:32633"
 ORIGIN = (500000.0, 6000000.0)
@@ -345,9 +345,9 @@ _BIG_SCENE_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np
-    from textseg.geo import GeoRef, read_window_rgb, write_geotiff_mask, write_geotiff_rgb
+    from textseg.image.rasters import GeoRef, read_window_rgb, write_geotiff_mask, write_geotiff_rgb
     from textseg.storage import filesystem_for
-    from textseg.windows import Window, grid_windows, tile_windows
+    from textseg.image.windows import Window, grid_windows, tile_windows
 
     def status_mb(key):
         with open("/proc/self/status") as status:

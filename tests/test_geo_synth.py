@@ -10,12 +10,12 @@ from PIL import Image
 
 rasterio = pytest.importorskip("rasterio")
 
-from textseg.geo import GeoRef, read_georef, read_window_rgb, xyz_tile  # noqa: E402
-from textseg.geo_synth import write_geotiff_scene, write_xyz_pyramid  # noqa: E402
+from textseg.image.rasters import GeoRef, read_georef, read_window_rgb, xyz_tile  # noqa: E402
+from textseg.training.geo_synth import write_geotiff_scene, write_xyz_pyramid  # noqa: E402
 from textseg.ontology import from_yaml_text  # noqa: E402
 from textseg.storage import filesystem_for  # noqa: E402
 from textseg.training.synth import SYNTH_CLASSES  # noqa: E402
-from textseg.windows import Window  # noqa: E402
+from textseg.image.windows import Window  # noqa: E402
 
 
 def _mosaic(root: pathlib.Path, folder: str, relpaths: list[str], nx: int) -> np.ndarray:
@@ -91,8 +91,8 @@ def test_geotiff_scene_from_a_few_distinct_blocks_is_fast_and_bounded(tmp_path: 
 
 def test_pyramid_truth_vectorised_per_tile_and_merged_equals_the_whole_scene(tmp_path: pathlib.Path) -> None:
     """The map-data path end to end on exact labels: tiles -> polygons -> merged across tile borders."""
-    from textseg.geo import xyz_georef
-    from textseg.vectors import VectorSettings, merge_across_borders, polygons_from_labels
+    from textseg.image.rasters import xyz_georef
+    from textseg.labels.vectors import VectorSettings, merge_across_borders, polygons_from_labels
 
     z, x0, y0 = 18, 140816, 85970  # even, so the 2 x 2 block is one tile at z = 17
     relpaths = write_xyz_pyramid(str(tmp_path), z=z, x0=x0, y0=y0, nx=2, ny=2, seed=11, tile_size=128)

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from textseg.cli import main
-from textseg.metadata import METADATA_SCHEMA
+from textseg.outputs.metadata import METADATA_SCHEMA
 
 PROMPTS = ["a red square", "blue water", "green field"]
 THRESHOLD = 0.5

@@ -10,7 +10,7 @@ import sys
 import pytest
 import rasterio
 
-from textseg.geo_synth import write_geotiff_scene
+from textseg.training.geo_synth import write_geotiff_scene
 
 SIDE = 16384
 LABEL_SCRIPT = """

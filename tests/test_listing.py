@@ -1,4 +1,4 @@
-"""textseg.listing over local folders and a real S3 protocol server (moto over loopback, through s3fs)."""
+"""textseg.source.listing over local folders and a real S3 protocol server (moto over loopback, through s3fs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.s3_server import S3Server
-from textseg.listing import ImageRef, ListingError, find_mask_collisions, list_images, mask_relpath
+from textseg.source.listing import ImageRef, ListingError, find_mask_collisions, list_images, mask_relpath
 
 # Nested folders, spaces, unicode, an upper-case extension and files that are not images.
 TREE = {
@@ -93,7 +93,7 @@ def test_credentials_in_the_source_uri_never_reach_the_refs(s3_server: S3Server,
 def test_s3_listing_streams_across_batches(
     s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("textseg.listing._S3_PAGE", 2)  # hand keys over 2 at a time instead of 1000
+    monkeypatch.setattr("textseg.source.listing._S3_PAGE", 2)  # hand keys over 2 at a time instead of 1000
     _put_tree(s3_server, s3_bucket, "raw/")
     refs = list_images(f"s3://{s3_bucket}/raw", s3_server.storage_options)
     assert next(refs).relpath == "a.jpg"

@@ -9,9 +9,9 @@ import rasterio
 from PIL import Image
 
 import textseg
-from textseg import geo
+from textseg.image import rasters
 from textseg.storage import filesystem_for
-from textseg.windows import Window
+from textseg.image.windows import Window
 
 PROMPTS = "red,green"
 
@@ -57,10 +57,12 @@ def test_large_png_is_labeled_through_windows_into_one_png_mask_and_one_row(tmp_
 def test_georeferenced_geotiff_scene_gets_a_tiled_geotiff_mask_on_the_same_grid(
     tmp_path, tiny_clipseg_dir, ray_session
 ):
-    georef = geo.GeoRef("EPSG:32633", (0.5, 0.0, 500000.0, 0.0, -0.5, 6000000.0), 230, 150)
+    georef = rasters.GeoRef("EPSG:32633", (0.5, 0.0, 500000.0, 0.0, -0.5, 6000000.0), 230, 150)
     (tmp_path / "imgs").mkdir()
     fs, path = filesystem_for(str(tmp_path / "imgs" / "scene.tif"))
-    geo.write_geotiff_rgb(fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64)
+    rasters.write_geotiff_rgb(
+        fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64
+    )
     summary = label(
         tmp_path / "imgs", tmp_path / "out", tiny_clipseg_dir, runner="ray", tile_size=96, tile_overlap=16
     )
@@ -81,7 +83,7 @@ def test_xyz_tile_rows_carry_web_mercator_bounds(tmp_path, tiny_clipseg_dir):
     Image.fromarray(scene_pixels(64, 64)).save(tile)
     summary = label(tmp_path / "tiles", tmp_path / "out", tiny_clipseg_dir)
     row = pq.read_table(tmp_path / "out" / "metadata" / summary.run_id).to_pylist()[0]
-    half = geo.WEB_MERCATOR_HALF_EXTENT
+    half = rasters.WEB_MERCATOR_HALF_EXTENT
     assert row["crs"] == "EPSG:3857" and row["bounds"] == pytest.approx([0.0, 0.0, half, half])
     assert row["bounds_wgs84"][0] == pytest.approx(0.0) and row["bounds_wgs84"][2] == pytest.approx(180.0)
 
@@ -90,10 +92,12 @@ def test_vectors_of_a_windowed_geotiff_scene_are_merged_across_window_borders(tm
     """With every pixel scored alike (a threshold of 0 and one prompt), the scene is one region of class
     1 cut by every window border; the merged GeoParquet must hold it as one polygon of the scene's area."""
     geopandas = pytest.importorskip("geopandas")
-    georef = geo.GeoRef("EPSG:32633", (0.5, 0.0, 500000.0, 0.0, -0.5, 6000000.0), 230, 150)
+    georef = rasters.GeoRef("EPSG:32633", (0.5, 0.0, 500000.0, 0.0, -0.5, 6000000.0), 230, 150)
     (tmp_path / "imgs").mkdir()
     fs, path = filesystem_for(str(tmp_path / "imgs" / "scene.tif"))
-    geo.write_geotiff_rgb(fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64)
+    rasters.write_geotiff_rgb(
+        fs, path, georef, [(Window(0, 0, 230, 150), scene_pixels(150, 230))], block_size=64
+    )
     summary = textseg.label(
         str(tmp_path / "imgs"),
         str(tmp_path / "out"),
@@ -143,10 +147,10 @@ def test_synth_xyz_pyramid_labeled_with_vectors_merges_polygons_across_tile_bord
     )
     assert summary.ok == 4 and summary.polygons == 1
     frame = geopandas.read_parquet(tmp_path / "out" / "vectors" / f"{summary.run_id}.parquet")
-    tiles = [geo.xyz_georef(12, x, y, 64, 64) for x in (2200, 2201) for y in (1343, 1344)]
+    tiles = [rasters.xyz_georef(12, x, y, 64, 64) for x in (2200, 2201) for y in (1343, 1344)]
     import shapely.geometry
 
-    from textseg.vectors import geodesic_area_m2
+    from textseg.labels.vectors import geodesic_area_m2
 
     expected = sum(geodesic_area_m2(shapely.geometry.box(*t.bounds_wgs84)) for t in tiles)
     assert frame["area_m2"].iloc[0] == pytest.approx(expected, rel=0.01)
@@ -154,7 +158,7 @@ def test_synth_xyz_pyramid_labeled_with_vectors_merges_polygons_across_tile_bord
 
 
 def test_scratch_of_a_run_killed_over_a_day_ago_is_removed_and_a_recent_one_kept(tmp_path, tiny_clipseg_dir):
-    from textseg.metadata import new_run_id
+    from textseg.outputs.metadata import new_run_id
 
     (tmp_path / "imgs").mkdir()
     Image.fromarray(scene_pixels(40, 40)).save(tmp_path / "imgs" / "small.png")

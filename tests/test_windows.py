@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from textseg.windows import (
+from textseg.image.windows import (
     Window,
     axis_starts,
     blend,

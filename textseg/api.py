@@ -5,26 +5,37 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from textseg.config import JobConfig, from_mapping
-from textseg.metadata import RunSummary
+from textseg.plan.summary import RunSummary
 
 
 def run_job(config: JobConfig, runner: Literal["ray", "local"] = "ray") -> RunSummary:
-    """Plan, label and count one run. A dry run only plans: its summary has `status == "dry run"`."""
-    from textseg.job import finish, prepare
+    """Plan, label and close one run. A dry run lists and checks the state only, in this process
+    (streaming: flat memory at any size); its summary has `status == "dry run"`.
+
+    Raises `textseg.errors.JobError` when the run could not go on (after writing its summary) and
+    ValueError/OSError subclasses for problems found before any work.
+    """
+    from textseg.plan.prepare import prepare
 
     plan = prepare(config)
     if config.dry_run:
+        from textseg.outputs.state import DoneIndex
+        from textseg.plan.work import ListingTally, list_work
+
+        tally = ListingTally()
+        index = DoneIndex.load(config.dest, config.storage_options)
+        for _ in list_work(plan.shards, plan.work_settings(index, write_tallies=False), tally):
+            pass
+        plan.summary.listed, plan.summary.skipped = tally.listed, tally.skipped
         plan.summary.status = "dry run"
         return plan.summary
     if runner == "ray":
-        from textseg.runner_ray import run_ray
+        from textseg.plan.runner_ray import run_ray
 
-        run_ray(plan)
-    else:
-        from textseg.runner_local import run_local
+        return run_ray(plan)
+    from textseg.plan.runner_local import run_local
 
-        run_local(plan, batch_size=config.batch_size or 8)
-    return finish(plan)
+    return run_local(plan, batch_size=config.batch_size or 8)
 
 
 def label(source: str, dest: str, *, runner: Literal["ray", "local"] = "ray", **options: Any) -> RunSummary:

@@ -196,13 +196,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options)
     if args.xyz:
-        from textseg.geo_synth import write_xyz_pyramid
+        from textseg.training.geo_synth import write_xyz_pyramid
 
         z, x, y = _ints(args.xyz, "/", 3, "--xyz Z/X/Y")
         relpaths = write_xyz_pyramid(args.dest, z, x, y, args.n, args.n, args.seed, args.size, options)
         print(f"wrote {len(relpaths)} XYZ tiles ({args.n} x {args.n} from {args.xyz}) under {args.dest}")
     elif args.geotiff:
-        from textseg.geo_synth import write_geotiff_scene
+        from textseg.training.geo_synth import write_geotiff_scene
 
         width, height = _ints(args.geotiff, "x", 2, "--geotiff WIDTHxHEIGHT")
         write_geotiff_scene(args.dest, width, height, args.seed, storage_options=options)

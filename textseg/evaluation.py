@@ -27,8 +27,8 @@ import numpy as np
 from fsspec import AbstractFileSystem
 from PIL import Image
 
-from textseg.masks import decode_png_mask
 from textseg.ontology import NODATA, OntologyError, from_yaml_text
+from textseg.outputs.masks import decode_png_mask
 from textseg.storage import filesystem_for, read_bytes, redact_uri, uri_for
 
 ONTOLOGY_FILE = "ontology.yaml"

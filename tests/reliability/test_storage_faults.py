@@ -151,7 +151,7 @@ FAIL_FAST_SCRIPT = """
 import json, sys
 from textseg.cli import main
 results = [main(args) for args in json.loads(sys.argv[1])]
-heavy = ("ray", "torch", "transformers", "textseg.labeler", "textseg.runner_ray")
+heavy = ("ray", "torch", "transformers", "textseg.pipeline.label", "textseg.plan.runner_ray")
 loaded = sorted(m for m in heavy if m in sys.modules)
 print("SENTINEL " + json.dumps({"exit": results, "loaded": loaded}))
 """

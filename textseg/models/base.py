@@ -1,8 +1,8 @@
 """The backend interface: every model textseg runs turns (images, prompts) into per-prompt score maps.
 
 A backend is deliberately small. Batching, devices, dtypes, thresholds and resizing back to full image
-size live once, outside the backends (in `textseg.postprocess` and the runners), so adding a model means
-one file plus one registration in `textseg.models`.
+size live once, outside the backends (in `textseg.labels.postprocess` and the model stage), so adding a
+model means one file plus one registration in `textseg.models`.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-from textseg.masks import decode_png_mask
 from textseg.ontology import NODATA, from_yaml_text
+from textseg.outputs.masks import decode_png_mask
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 ONTOLOGY_FILE = "ontology.yaml"

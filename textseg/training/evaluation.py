@@ -1,7 +1,7 @@
 """How good a segmentation backend is on labeled images, scored the way `textseg label` would label them.
 
 `predict_labels` runs the caller's path exactly: Pillow resize to `input_spec.size`, `normalize`, prompt
-embeddings computed once, `score`, then `textseg.postprocess.label_image` (upsample to full size, max
+embeddings computed once, `score`, then `textseg.labels.postprocess.label_image` (upsample to full size, max
 over a class's prompts, softmax over [background, classes], argmax, per-class threshold). So the mIoU
 measured here is the mIoU a user gets, not a training-resolution proxy. Counting uses
 `textseg.evaluation` (one confusion matrix over all pixels; mIoU over the foreground classes present).
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from textseg.evaluation import confusion_matrix, report_from_confusion
+from textseg.labels.postprocess import ClassGrouping, label_image
 from textseg.models.base import SegmentationBackend
-from textseg.postprocess import ClassGrouping, label_image
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 # The synonyms the demo model never saw in training, by synthetic class (building, road, water, tree).

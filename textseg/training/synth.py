@@ -30,8 +30,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
-from textseg.masks import encode_png_mask
 from textseg.ontology import Ontology, from_mapping
+from textseg.outputs.masks import encode_png_mask
 from textseg.storage import filesystem_for, write_bytes_atomic
 
 SYNTH_CLASSES: tuple[str, ...] = ("building", "road", "water", "tree")  # mask values 1..4; 0 = background

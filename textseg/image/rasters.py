@@ -49,9 +49,9 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from textseg.decoding import DECODED_FORMATS
+from textseg.image.decoding import DECODED_FORMATS
+from textseg.image.windows import Window
 from textseg.storage import call_with_retry, is_local, uri_for
-from textseg.windows import Window
 
 if TYPE_CHECKING:
     import affine
@@ -262,7 +262,7 @@ def read_window_rgb(
     Bands: 1 band -> gray to RGB (a palette band through its colour table); 2 bands -> gray plus alpha;
     >= 3 bands -> the bands GDAL labels red, green and blue, else the first three (a 4-band RGBA or
     RGB-NIR scene gives its RGB).
-    Sample types, the rules of `textseg.decoding` so that a scene and the same pixels as a small image
+    Sample types, the rules of `textseg.image.decoding` so that a scene and the same pixels as a small image
     decode alike: uint8 as is; uint16 `>> 8` (keeps the high byte, as Pillow does for 16-bit images);
     other integer and float types take the smallest conventional white level that holds the scene's
     values: 1.0 (float only, `round(v * 255)`), 255, 65535 (`>> 8`), else a linear stretch of the
@@ -357,7 +357,7 @@ def write_geotiff_rgb(
     """Write an RGB image as a tiled, deflate-compressed 3-band uint8 GeoTIFF, block by block.
 
     blocks: (window, image) pairs, image (window.height, window.width, 3) uint8 (decoding's layout). For
-    synthetic scenes and test fixtures (`textseg.geo_synth`); same storage and memory rules as
+    synthetic scenes and test fixtures (`textseg.training.geo_synth`); same storage and memory rules as
     `write_geotiff_mask`.
     """
     profile = _geotiff_profile(georef, count=3, block_size=block_size) | {"photometric": "RGB"}

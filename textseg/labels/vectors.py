@@ -51,9 +51,9 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from textseg.geo import WGS84, GeoRef, lazy_import
+from textseg.image.rasters import WGS84, GeoRef, lazy_import
+from textseg.image.windows import SCORE_LEVELS
 from textseg.storage import read_bytes, write_bytes_atomic
-from textseg.windows import SCORE_LEVELS
 
 BACKGROUND = 0
 NODATA = 255

@@ -3,8 +3,8 @@
 The windows of a scene are scored independently by the model actors (as uint8-quantized class scores,
 PERF.md) and parked under `DEST/_work/<run_id>/scenes/<key>/` by the write tasks, next to the scene's
 manifest, which the decode task wrote after it had read every window. Once the streaming pass is done,
-one assembly task per scene blends the windows block by block (`textseg.windows.blend`, feathered: no
-seams), turns the blended scores into labels (`textseg.postprocess`, the same rule as whole images),
+one assembly task per scene blends the windows block by block (`textseg.image.windows.blend`, feathered: no
+seams), turns the blended scores into labels (`textseg.labels.postprocess`, the same rule as whole images),
 writes the mask (a tiled GeoTIFF for georeferenced rasters, streamed block by block; a PNG otherwise) and
 returns the scene's one metadata row. Memory is bounded by a block plus the windows overlapping it.
 
@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,22 +26,18 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from textseg import geo, storage
-from textseg.geo import GeoRef
-from textseg.masks import encode_png_mask
-from textseg.metadata import METADATA_SCHEMA
-from textseg.models import ScoreKind
-from textseg.vectors import VectorSettings, polygons_from_labels, write_geoparquet
-from textseg.windows import Window, blend, grid_windows, quantize_scores
+from textseg import storage
+from textseg.image import rasters
+from textseg.image.rasters import GeoRef
+from textseg.image.windows import Window, blend, grid_windows, quantize_scores
+from textseg.labels.vector_merge import VECTOR_PARTS
+from textseg.labels.vectors import polygons_from_labels, write_geoparquet
+from textseg.outputs.masks import encode_png_mask
+from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
+from textseg.pipeline.settings import StageSettings
 
-SCRATCH_DIR = "_work"
 MANIFEST = "scene.json"
-VECTOR_PARTS = "vectors"  # polygons of this run's images and scenes, merged into DEST/vectors/ at the end
 BLOCK_SIZE = 512  # output blocks: the GeoTIFF mask's internal tiles
-
-
-def scratch_uri(dest: str, run_id: str) -> str:
-    return storage.join_uri(dest, f"{SCRATCH_DIR}/{run_id}")
 
 
 def scene_key(relpath: str) -> str:
@@ -100,43 +96,26 @@ def write_window_error(fs: fsspec.AbstractFileSystem, scene_dir: str, window: Wi
     storage.write_bytes_atomic(fs, path, reason.encode())
 
 
-@dataclass(frozen=True)
-class AssemblySettings:
-    dest: str
-    storage_options: Mapping[str, Any]
-    scratch_uri: str
-    thresholds: tuple[float, ...]
-    score_kind: ScoreKind
-    palette: list[int]
-    class_names: list[str]
-    model_id: str
-    ontology_hash: str
-    run_id: str
-    vectors: VectorSettings | None  # None: no polygons
-
-
-def manifest_uris(settings: AssemblySettings) -> list[str]:
+def manifest_uris(settings: StageSettings) -> list[str]:
     """The scenes this run windowed (their manifests), found in the scratch area."""
     fs, root = storage.filesystem_for(settings.scratch_uri, settings.storage_options)
     return sorted(storage.uri_for(fs, p) for p in fs.glob(f"{root}/scenes/*/{MANIFEST}"))
 
 
-def assemble_batch(batch: dict[str, np.ndarray], settings: AssemblySettings) -> pa.Table:
+def assemble_batch(batch: dict[str, np.ndarray], settings: StageSettings) -> pa.Table:
     """Ray/in-process stage: manifest URIs (column `manifest_uri`) -> one metadata row per scene."""
     return pa.Table.from_pylist(
         [assemble_scene(str(uri), settings) for uri in batch["manifest_uri"]], schema=METADATA_SCHEMA
     )
 
 
-def assemble_scene(manifest_uri: str, settings: AssemblySettings) -> dict[str, Any]:
+def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]:
     """Blend one scene's windows, write its mask, and return its metadata row (METADATA_SCHEMA)."""
-    from textseg.stages import metadata_row  # the one place a metadata row is shaped
-
     started = time.perf_counter()
     fs, manifest_path = storage.filesystem_for(manifest_uri, settings.storage_options)
     manifest = SceneManifest.from_json(storage.read_bytes(fs, manifest_path))
     scene_dir = manifest_path.rsplit("/", 1)[0]
-    secrets = storage.secret_values(settings.storage_options)
+    secrets = settings.secrets
     error = _first_window_error(fs, scene_dir, manifest.window_objects())
     blender = _SceneBlender(fs, scene_dir, manifest, settings)
     mask_uri = None
@@ -153,7 +132,6 @@ def assemble_scene(manifest_uri: str, settings: AssemblySettings) -> dict[str, A
         except Exception as err:  # noqa: BLE001 - a failed assembly is this scene's error row
             error = storage.redact(f"cannot assemble the scene's mask: {type(err).__name__}: {err}", secrets)
     elapsed = manifest.decode_ms + blender.model_ms + (time.perf_counter() - started) * 1000
-    fs.rm(scene_dir, recursive=True)
     return metadata_row(
         source_uri=manifest.source_uri,
         relpath=manifest.relpath,
@@ -196,7 +174,7 @@ class _SceneBlender:
         fs: fsspec.AbstractFileSystem,
         scene_dir: str,
         manifest: SceneManifest,
-        settings: AssemblySettings,
+        settings: StageSettings,
     ):
         self.fs, self.scene_dir, self.manifest, self.settings = fs, scene_dir, manifest, settings
         self.windows = manifest.window_objects()
@@ -210,7 +188,7 @@ class _SceneBlender:
         """(block, labels (h, w) uint8) for every BLOCK_SIZE block of the scene."""
         import torch
 
-        from textseg.postprocess import ClassGrouping, labels_from_scores
+        from textseg.labels.postprocess import ClassGrouping, labels_from_scores
 
         thresholds = self.settings.thresholds
         grouping = ClassGrouping(tuple(range(1, len(thresholds) + 1)), thresholds)
@@ -259,13 +237,13 @@ class _SceneBlender:
 
 
 def _write_mask(
-    blocks: Iterator[tuple[Window, np.ndarray]], manifest: SceneManifest, settings: AssemblySettings
+    blocks: Iterator[tuple[Window, np.ndarray]], manifest: SceneManifest, settings: StageSettings
 ) -> None:
     """A tiled GeoTIFF streamed block by block for georeferenced rasters; a PNG otherwise."""
     fs, root = storage.filesystem_for(settings.dest, settings.storage_options)
     path = storage.join_uri(root, f"masks/{manifest.mask_relpath}")
     if manifest.mask_relpath.endswith(".tif") and manifest.georef is not None:
-        geo.write_geotiff_mask(fs, path, manifest.georef, blocks, settings.palette, block_size=BLOCK_SIZE)
+        rasters.write_geotiff_mask(fs, path, manifest.georef, blocks, settings.palette, block_size=BLOCK_SIZE)
         return
     labels = np.empty((manifest.height, manifest.width), dtype=np.uint8)
     for block, block_labels in blocks:

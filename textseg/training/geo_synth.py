@@ -28,11 +28,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from textseg.geo import DEFAULT_BLOCK_SIZE, GeoRef, write_geotiff_mask, write_geotiff_rgb, xyz_tile
-from textseg.masks import encode_png_mask
+from textseg.image.rasters import DEFAULT_BLOCK_SIZE, GeoRef, write_geotiff_mask, write_geotiff_rgb, xyz_tile
+from textseg.image.windows import Window, grid_windows
+from textseg.outputs.masks import encode_png_mask
 from textseg.storage import filesystem_for, write_bytes_atomic
 from textseg.training.synth import IMAGE_PNG_COMPRESS_LEVEL, MIN_SIZE, render_scene, synth_ontology
-from textseg.windows import Window, grid_windows
 
 XYZ_TILE_SIZE = 256  # the slippy-map standard; retina tiles are 512
 # Rendering cost grows faster than the area (0.8 s at 1024 px, 5 s at 2048 px): 1024 px blocks keep a

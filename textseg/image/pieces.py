@@ -1,10 +1,11 @@
 """One listed image -> the pieces the model sees: the whole image, or the windows of a large scene.
 
 A piece is a unit of work in the plan. Most images are one piece. An image with a side above the window
-threshold (`--tile-size`, or AUTO_WINDOW_ABOVE) is cut into overlapping windows (`textseg.windows`) that
-travel through the plan as separate rows and are blended back by `textseg.scenes`. A TIFF is opened with
-rasterio when the `geo` extra is installed: a scene is then read window by window, never whole, and its
-CRS and transform come along; other images are decoded by Pillow (`textseg.decoding`), and XYZ tiles
+threshold (`--tile-size`, or AUTO_WINDOW_ABOVE) is cut into overlapping windows
+(`textseg.image.windows`) that travel through the plan as separate rows and are blended back by
+`textseg.pipeline.scenes`. A TIFF is opened with rasterio when the `geo` extra is installed: a scene is
+then read window by window, never whole, and its CRS and transform come along; other images are decoded
+by Pillow (`textseg.image.decoding`), and XYZ tiles
 (`.../z/x/y.png`) are georeferenced from their path.
 """
 
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from textseg import geo, storage
-from textseg.decoding import ImageDecodeError, decode_image, resize_for_model
-from textseg.geo import GeoRef
+from textseg import storage
+from textseg.image import rasters
+from textseg.image.decoding import ImageDecodeError, decode_image, resize_for_model
+from textseg.image.rasters import GeoRef
+from textseg.image.windows import Window, tile_windows
 from textseg.models.input_spec import InputSpec
-from textseg.windows import Window, tile_windows
 
 # Without --tile-size, images with a side above 4096 px are windowed (a 1 MP photo never is), into 1024 px
 # windows: large enough for context, small enough that a window's scores stay a few MB.
@@ -73,8 +75,8 @@ def open_source(
     """Open one image: what it is, and a lazy iterator over its full-resolution pieces (a raster scene's
     windows are read only as the iterator reaches them). Raises `ImageDecodeError` or a storage error."""
     if path.lower().endswith((".tif", ".tiff")) and _has_rasterio():
-        size = geo.scene_size(fs, path)
-        georef = geo.read_georef(fs, path) if size is not None else None
+        size = rasters.scene_size(fs, path)
+        georef = rasters.read_georef(fs, path) if size is not None else None
         if size is not None and (georef is not None or plan.windows(*size) is not None):
             width, height = size
             if width * height > max_pixels:
@@ -85,8 +87,8 @@ def open_source(
             source = Source(width, height, georef, plan.windows(width, height), raster=True)
             return source, _raster_pieces(fs, path, source)
     decoded = decode_image(storage.read_bytes(fs, path), max_pixels=max_pixels)
-    tile = geo.xyz_tile(relpath)
-    georef = geo.xyz_georef(*tile, decoded.width, decoded.height) if tile is not None else None
+    tile = rasters.xyz_tile(relpath)
+    georef = rasters.xyz_georef(*tile, decoded.width, decoded.height) if tile is not None else None
     source = Source(decoded.width, decoded.height, georef, plan.windows(decoded.width, decoded.height), False)
 
     def pil_pieces() -> Iterator[Piece]:
@@ -109,15 +111,15 @@ def resized(piece: Piece, spec: InputSpec) -> Piece:
 def _raster_pieces(fs: fsspec.AbstractFileSystem, path: str, source: Source) -> Iterator[Piece]:
     windows = source.windows or [Window(0, 0, source.width, source.height)]
     # One value range for the whole scene, so windows of 16-bit or float scenes scale alike (no seams).
-    value_range = geo.scene_value_range(fs, path) if len(windows) > 1 else None
+    value_range = rasters.scene_value_range(fs, path) if len(windows) > 1 else None
     for window in windows:
-        rgb, nodata = geo.read_window_rgb(fs, path, window, value_range)
+        rgb, nodata = rasters.read_window_rgb(fs, path, window, value_range)
         yield Piece(rgb, window, nodata)
 
 
 def _has_rasterio() -> bool:
     try:
-        geo.lazy_import("rasterio")
-    except geo.MissingGeoDependency:
+        rasters.lazy_import("rasterio")
+    except rasters.MissingGeoDependency:
         return False
     return True

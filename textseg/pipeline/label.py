@@ -1,10 +1,15 @@
-"""The model stage: decoded model-size pixels -> full-resolution uint8 labels, on the model's device.
+"""The model stage (GPU actors; CPU actors without GPUs): model-size pixels -> full-resolution uint8 labels.
 
 One `Labeler` lives in each model actor (or in the in-process runner). It loads the weights and embeds
 the ontology's prompts once, then for each batch runs the backend once per image (however many prompts)
-and turns the scores into labels with `textseg.postprocess` before anything leaves the device. A window
+and turns the scores into labels with `textseg.labels.postprocess` before anything leaves the device. A window
 of a large scene leaves as uint8-quantized class scores instead, because its neighbours' scores must be
-blended with it before labels can be decided (`textseg.scenes`).
+blended with it before labels can be decided (`textseg.pipeline.scenes`).
+
+A batch the model raises on is retried image by image (`textseg.pipeline.batches.isolate`): what still
+fails becomes that image's error row. Two failures are the job's, not an image's, and raise `JobError`:
+the model cannot be loaded in the actor, and CUDA runs out of memory before any batch has succeeded
+(every batch would; a smaller --batch-size is the fix).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import time
 import numpy as np
 import torch
 
+from textseg.errors import JobError, describe_exception
+from textseg.image.windows import SCORE_LEVELS
+from textseg.labels.postprocess import ClassGrouping, class_scores, labels_from_scores
 from textseg.models import ModelRef, load_model, resolve_device
 from textseg.ontology import Ontology
-from textseg.postprocess import ClassGrouping, class_scores, labels_from_scores
-from textseg.stages import Batch, unpack_nodata
-from textseg.windows import SCORE_LEVELS
+from textseg.pipeline.batches import Batch, isolate, unpack_nodata
 
 
 class Labeler:
@@ -37,12 +43,36 @@ class Labeler:
         self.batch_size = batch_size
         self.keep_scores = keep_scores
         self._pinned: torch.Tensor | None = None  # reused host staging buffer for GPU -> CPU copies
-        self.backend = load_model(model, str(self.device)).eval()
-        self.grouping = ClassGrouping(tuple(ontology.prompt_class_index), tuple(ontology.thresholds))
-        with torch.inference_mode():
-            self.prompt_embeddings = self.backend.embed_prompts(ontology.prompts)
+        self._succeeded = False  # some batch went through: a later OOM is that batch's, not the job's
+        try:
+            self.backend = load_model(model, str(self.device)).eval()
+            self.grouping = ClassGrouping(tuple(ontology.prompt_class_index), tuple(ontology.thresholds))
+            with torch.inference_mode():
+                self.prompt_embeddings = self.backend.embed_prompts(ontology.prompts)
+        except Exception as err:
+            raise JobError(
+                f"the model {model.model_id!r} cannot be loaded on the {self.device.type} workers: "
+                f"{describe_exception(err)}"
+            ) from None
 
     def __call__(self, batch: Batch) -> Batch:
+        """`label` isolated per image; see `label` for the columns."""
+        return isolate(self._label_checked, batch, "the model stage", {})
+
+    def _label_checked(self, batch: Batch) -> Batch:
+        try:
+            out = self.label(batch)
+        except torch.OutOfMemoryError as err:
+            if not self._succeeded and len(batch["relpath"]) <= 1:
+                raise JobError(
+                    f"{self.device.type.upper()} ran out of memory on the first image the model saw; lower "
+                    f"--batch-size or use a device with more memory ({describe_exception(err)})"
+                ) from None
+            raise
+        self._succeeded = True
+        return out
+
+    def label(self, batch: Batch) -> Batch:
         """Adds `labels` (raw (H, W) uint8 bytes of a whole image), `scores` (raw (1 + K, h, w) uint8
         class scores of a window, or of a whole image with keep_scores), `class_pixel_count` and
         `class_score_sum` ((B, 1 + K), background first); drops the model-size `pixels`."""

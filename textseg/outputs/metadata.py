@@ -1,4 +1,4 @@
-"""The Arrow schema of a metadata row, and run summaries (SPEC.md: What lands in DEST).
+"""The Arrow schema of a metadata row, the one place a row is shaped, and atomic part files.
 
 Every image a run attempts gets exactly one row of this schema; `status` is `ok` or `error`.
 """
@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from textseg import storage
+from textseg.errors import reason_category
+from textseg.image.rasters import GeoRef
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -54,8 +57,49 @@ def class_statistics(counts: Sequence[float], score_sums: Sequence[float]) -> tu
     return fractions, means
 
 
-# What decides whether an image is already done (SPEC.md: Incremental by default).
-DONE_KEY_COLUMNS = ("relpath", "source_fingerprint", "model_id", "ontology_hash")
+def metadata_row(
+    *,
+    source_uri: str,
+    relpath: str,
+    fingerprint: str,
+    mask_uri: str | None,
+    error: str | None,
+    width: int,
+    height: int,
+    counts: Sequence[float],
+    score_sums: Sequence[float],
+    georef: GeoRef | None,
+    elapsed_ms: float,
+    class_names: list[str],
+    model_id: str,
+    ontology_hash: str,
+    run_id: str,
+) -> dict[str, Any]:
+    """The one place a metadata row (METADATA_SCHEMA) is shaped, for whole images and assembled scenes."""
+    ok = not error
+    fractions, means = class_statistics(list(counts), list(score_sums)) if ok else (None, None)
+    bounds = georef.bounds if ok and georef is not None else None
+    return {
+        "source_uri": storage.redact_uri(source_uri),
+        "relpath": relpath,
+        "mask_uri": mask_uri if ok else None,
+        "status": STATUS_OK if ok else STATUS_ERROR,
+        "error": None if ok else error,
+        "width": width if ok else None,
+        "height": height if ok else None,
+        "class_names": class_names,
+        "class_pixel_fraction": fractions,
+        "class_mean_score": None if means is None else [None if m != m else m for m in means],
+        "model_id": model_id,
+        "ontology_hash": ontology_hash,
+        "source_fingerprint": fingerprint,
+        "run_id": run_id,
+        "labeled_at": dt.datetime.now(dt.timezone.utc),
+        "duration_ms": elapsed_ms,
+        "crs": georef.crs if ok and georef is not None else None,
+        "bounds": list(bounds) if bounds is not None else None,
+        "bounds_wgs84": list(georef.bounds_wgs84) if bounds is not None and georef is not None else None,
+    }
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
@@ -80,62 +124,48 @@ def summary_path(run_id: str) -> str:
     return f"runs/{run_id}.json"
 
 
-@dataclass
-class RunSummary:
-    """What `DEST/runs/<run_id>.json` holds. listed == skipped + ok + error for a finished run."""
-
-    run_id: str
-    config: dict[str, Any]
-    versions: dict[str, str]
-    model_id: str
-    ontology_hash: str
-    class_names: list[str]
-    started_at: str
-    finished_at: str | None = None
-    listed: int = 0
-    skipped: int = 0
-    ok: int = 0
-    error: int = 0
-    timings_s: dict[str, float] = field(default_factory=dict)
-    top_errors: list[tuple[str, int]] = field(default_factory=list)
-    polygons: int | None = None  # with --vectors: polygons written to DEST/vectors/<run_id>.parquet
-    status: str = "running"
-
-    @property
-    def attempted(self) -> int:
-        return self.ok + self.error
-
-    @property
-    def error_rate(self) -> float:
-        return self.error / self.attempted if self.attempted else 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        total = self.timings_s.get("total", 0.0)
-        return self.attempted / total if total > 0 else 0.0
-
-    def to_json(self) -> str:
-        payload = asdict(self)
-        payload["images_per_s"] = round(self.images_per_s, 3)
-        return json.dumps(payload, indent=2, default=str)
-
-    def line(self) -> str:
-        """The closing summary line a run prints."""
-        return (
-            f"run {self.run_id}: listed {self.listed}, skipped {self.skipped} (already done), "
-            f"labeled {self.ok}, failed {self.error}, {self.images_per_s:.1f} images/s"
-        )
-
-
 def write_metadata_part(
     table: pa.Table, metadata_uri: str, storage_options: Mapping[str, Any], name: str
 ) -> None:
     """Write rows as `<metadata_uri>/<name>.parquet` (names start `part-`), atomically: a reader (or the
     next run's incremental check) sees the whole part file or none of it, also when the writer is killed.
     A retried writer rewrites the same name, so a retry can never duplicate rows."""
-    from textseg import storage
-
     buffer = io.BytesIO()
     pq.write_table(table.cast(METADATA_SCHEMA), buffer)
     fs, root = storage.filesystem_for(metadata_uri, storage_options)
     storage.write_bytes_atomic(fs, storage.join_uri(root, f"{name}.parquet"), buffer.getvalue())
+
+
+@dataclass
+class Tally:
+    """Counts of metadata rows by status, and errors by reason category (the text before ':'), added up
+    from what the write tasks produced: a run's summary never re-reads its metadata."""
+
+    ok: int = 0
+    error: int = 0
+    categories: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)  # category -> one full reason
+
+    @classmethod
+    def of(cls, table: pa.Table) -> Tally:
+        tally = cls()
+        for status, error in zip(table["status"].to_pylist(), table["error"].to_pylist(), strict=True):
+            if status == STATUS_OK:
+                tally.ok += 1
+                continue
+            tally.error += 1
+            category = reason_category(error or "")
+            tally.categories[category] = tally.categories.get(category, 0) + 1
+            tally.examples.setdefault(category, error or "")
+        return tally
+
+    def add(self, other: Tally) -> None:
+        self.ok += other.ok
+        self.error += other.error
+        for category, count in other.categories.items():
+            self.categories[category] = self.categories.get(category, 0) + count
+            self.examples.setdefault(category, other.examples.get(category, ""))
+
+    def top_errors(self, count: int = 5) -> list[tuple[str, int]]:
+        """(category, images) for the most frequent categories."""
+        return sorted(self.categories.items(), key=lambda item: (-item[1], item[0]))[:count]

@@ -1,0 +1,1 @@
+"""One image's bytes -> model-size pixels (CPU tasks; no torch)."""

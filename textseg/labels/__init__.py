@@ -1,0 +1,1 @@
+"""Scores -> labels, and what is derived from them (polygons)."""

@@ -1,0 +1,1 @@
+"""What lands in DEST: masks, metadata rows and parts, the state, the Ray datasink."""

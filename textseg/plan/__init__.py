@@ -1,0 +1,1 @@
+"""The driver: plan a run, run it (on Ray or in this process), close it."""

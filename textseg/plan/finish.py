@@ -1,0 +1,93 @@
+"""The end of a run on the driver: merge its rows into DEST's state, merge its polygons, write the run
+summary, tidy the scratch area. Counts arrive as tallies from the stages; nothing here re-reads them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from textseg import storage
+from textseg.errors import describe_exception
+from textseg.labels.vector_merge import merge_run_vectors
+from textseg.outputs.metadata import Tally, run_started_at, summary_path
+from textseg.outputs.state import MapFn, compact, pending_runs
+from textseg.plan.prepare import JobPlan
+from textseg.plan.summary import RunSummary, count_rows, decide_status
+from textseg.plan.work import ListingTally
+
+log = logging.getLogger(__name__)
+
+# A run's scratch area outlives it only when the run was killed; after this long it is certainly not a
+# concurrent run's any more (a nightly job restarts within a day), so a finishing run removes it.
+ABANDONED_SCRATCH_AGE = dt.timedelta(hours=24)
+
+
+def merge_pending_runs(plan: JobPlan, map_fn: MapFn = map) -> None:
+    """Before listing: merge runs that ended without merging (killed ones) into the state, so the skip
+    check sees their `ok` rows and a killed night is finished by running the same command again."""
+    pending = [r for r in pending_runs(plan.config.dest, plan.config.storage_options) if r != plan.run_id]
+    if pending:
+        started = time.perf_counter()
+        rows = compact(plan.config.dest, plan.config.storage_options, pending, map_fn)
+        plan.summary.timings_s["merge_pending_runs"] = round(time.perf_counter() - started, 3)
+        log.info("merged %d earlier run(s) into DEST's state (%d images)", len(pending), rows)
+
+
+def finish(
+    plan: JobPlan, listing: ListingTally, rows: Tally, map_fn: MapFn = map, failure: str | None = None
+) -> RunSummary:
+    """Close the run: `failure` is set when the run could not go on (the summary says why)."""
+    summary = plan.summary
+    config = plan.config
+    summary.listed, summary.skipped = listing.listed, listing.skipped
+    count_rows(summary, rows)
+    labeled_at = time.perf_counter()
+    summary.timings_s["labeling"] = round(labeled_at - plan.started - sum(summary.timings_s.values()), 3)
+    try:
+        compact(config.dest, config.storage_options, [plan.run_id], map_fn)
+        summary.timings_s["state"] = round(time.perf_counter() - labeled_at, 3)
+        if plan.vector_settings is not None and failure is None:
+            summary.polygons = merge_run_vectors(
+                plan.scratch_uri, config.dest, plan.run_id, plan.vector_settings, config.storage_options
+            )
+    except Exception as err:  # noqa: BLE001 - the run summary must still be written
+        failure = (
+            failure or f"failed: closing the run: {storage.redact(describe_exception(err), _secrets(plan))}"
+        )
+    summary.status = failure or decide_status(summary, config.max_error_rate)
+    summary.timings_s["total"] = round(time.perf_counter() - plan.started, 3)
+    summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    dest_fs, dest_root = storage.filesystem_for(config.dest, config.storage_options)
+    storage.write_bytes_atomic(
+        dest_fs, storage.join_uri(dest_root, summary_path(plan.run_id)), summary.to_json().encode()
+    )
+    if failure is None:
+        _remove_scratch(plan)
+        # Temporaries of writers killed mid-write before this run started (a killed run being resumed).
+        owned = ("masks", "metadata", "runs", "vectors", "state")
+        removed = storage.remove_stale_temporaries(dest_fs, dest_root, owned, plan.started_wall)
+        if removed:
+            log.info("removed %d temporary files of interrupted writes under DEST", len(removed))
+    return summary
+
+
+def _secrets(plan: JobPlan) -> list[str]:
+    return storage.secret_values(plan.config.storage_options)
+
+
+def _remove_scratch(plan: JobPlan) -> None:
+    """Drop this run's scratch area, the areas of runs killed over a day ago, and the scratch folder
+    itself once empty (local disk)."""
+    fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    parent = root.rsplit("/", 1)[0]
+    cutoff = dt.datetime.now(dt.timezone.utc) - ABANDONED_SCRATCH_AGE
+    for other in fs.ls(parent, detail=False) if fs.exists(parent) else []:
+        started = run_started_at(other.rstrip("/").rsplit("/", 1)[-1])
+        if started is not None and started < cutoff:
+            fs.rm(other, recursive=True)
+    if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
+        fs.rmdir(parent)

@@ -1,0 +1,130 @@
+"""The plan of a run, made on the driver before any model loads: validate, then describe the work.
+
+`prepare` fails fast on job-level problems (bad ontology, unknown model, unwritable DEST, missing
+SOURCE) and describes SOURCE as listing shards; it lists nothing itself beyond a few folder levels, so
+its memory does not grow with the number of images. Everything a stage needs is derived from the plan
+once (`stage_settings`, `work_settings`), never copied field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+from textseg import ontology as ontology_mod
+from textseg import storage
+from textseg.config import ConfigError, JobConfig
+from textseg.image.pieces import WindowPlan
+from textseg.labels.vectors import VectorSettings
+from textseg.models import ModelRef, read_input_spec, resolve_model
+from textseg.models.input_spec import InputSpec
+from textseg.ontology import Ontology
+from textseg.outputs.metadata import metadata_dir, new_run_id
+from textseg.outputs.state import DoneIndex
+from textseg.pipeline.settings import StageSettings, scratch_uri
+from textseg.plan.summary import RunSummary, package_versions
+from textseg.plan.work import WorkSettings
+from textseg.source.listing import Shard, plan_shards
+
+
+@dataclass
+class JobPlan:
+    config: JobConfig
+    run_id: str
+    ontology: Ontology
+    model: ModelRef
+    input_spec: InputSpec
+    shards: list[Shard]
+    summary: RunSummary
+    started: float  # time.perf_counter() at the start of `prepare`
+    started_wall: float  # time.time() at the same moment
+
+    @property
+    def scratch_uri(self) -> str:
+        return scratch_uri(self.config.dest, self.run_id)
+
+    @property
+    def tally_uri(self) -> str:
+        return storage.join_uri(self.scratch_uri, "listing")
+
+    @property
+    def metadata_uri(self) -> str:
+        return storage.join_uri(self.config.dest, metadata_dir(self.run_id))
+
+    @property
+    def vector_settings(self) -> VectorSettings | None:
+        """The user's polygon settings (the area filter applies after merging across borders)."""
+        if not self.config.vectors:
+            return None
+        return VectorSettings(self.config.vector_simplify, self.config.vector_min_area)
+
+    @property
+    def stage_settings(self) -> StageSettings:
+        vectors = self.vector_settings
+        return StageSettings(
+            dest=self.config.dest,
+            run_id=self.run_id,
+            input_spec=self.input_spec,
+            max_pixels=self.config.max_image_pixels,
+            window_plan=WindowPlan(self.config.tile_size, self.config.tile_overlap),
+            class_names=tuple(self.ontology.class_names),
+            palette=tuple(self.ontology.palette()),
+            thresholds=tuple(self.ontology.thresholds),
+            score_kind=self.model.score_kind,
+            model_id=self.model.model_id,
+            ontology_hash=self.ontology.stable_hash(),
+            # Pieces of tiles and scene blocks keep every sliver: the filter runs after the merge.
+            vectors=None if vectors is None else dataclasses.replace(vectors, min_area_m2=0.0),
+            storage_options=self.config.storage_options,
+        )
+
+    def work_settings(self, index: DoneIndex, write_tallies: bool = True) -> WorkSettings:
+        return WorkSettings(
+            index=index,
+            model_id=self.model.model_id,
+            ontology_hash=self.ontology.stable_hash(),
+            tally_uri=self.tally_uri if write_tallies else None,
+            limit=self.config.limit,
+            storage_options=self.config.storage_options,
+        )
+
+
+def load_ontology(config: JobConfig) -> Ontology:
+    if config.prompts is not None:
+        return ontology_mod.from_prompts(config.prompts, config.threshold)
+    assert config.ontology is not None
+    fs, path = storage.filesystem_for(config.ontology, config.storage_options)
+    try:
+        text = storage.read_bytes(fs, path).decode("utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"ontology file {storage.redact_uri(config.ontology)!r} does not exist") from err
+    return ontology_mod.from_yaml_text(text, config.threshold)
+
+
+def prepare(config: JobConfig) -> JobPlan:
+    """Validate and plan; raises on job-level problems. Lists only enough of SOURCE to shard it."""
+    started, started_wall = time.perf_counter(), time.time()
+    ontology = load_ontology(config)
+    model = resolve_model(config.model)
+    input_spec = read_input_spec(model)
+    dest_fs, dest_root = storage.filesystem_for(config.dest, config.storage_options)
+    if not config.dry_run:
+        storage.check_writable(dest_fs, dest_root)
+    source_fs, _ = storage.filesystem_for(config.source, config.storage_options)
+    exclude = config.dest if type(source_fs) is type(dest_fs) else None
+    shards = plan_shards(config.source, config.storage_options, exclude_prefix=exclude)
+    run_id = new_run_id()
+    summary = RunSummary(
+        run_id=run_id,
+        config=config.to_public_dict(),
+        versions=package_versions(),
+        model_id=model.model_id,
+        ontology_hash=ontology.stable_hash(),
+        class_names=ontology.class_names,
+        started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        shards=len(shards),
+        timings_s={"planning": round(time.perf_counter() - started, 3)},
+    )
+    return JobPlan(config, run_id, ontology, model, input_spec, shards, summary, started, started_wall)

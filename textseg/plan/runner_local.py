@@ -1,0 +1,84 @@
+"""The in-process runner: the same stage functions as the Ray plan, in one process, no Ray.
+
+Tests and benchmarks use it, and so can a notebook with a handful of images. Work rows stream from the
+listing (`textseg.plan.work.list_work`) one image at a time through decode -> model -> write; metadata
+parts are written every PART_ROWS rows, as the Ray plan's sink does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from textseg.outputs.metadata import METADATA_SCHEMA, Tally, write_metadata_part
+from textseg.outputs.sinks import PART_ROWS
+from textseg.outputs.state import DoneIndex
+from textseg.pipeline.batches import batch_len, rows_to_batch, take
+from textseg.pipeline.decode import decode_stage
+from textseg.pipeline.label import Labeler
+from textseg.pipeline.scenes import assemble_batch, manifest_uris
+from textseg.pipeline.write import write_stage
+from textseg.plan.finish import finish, merge_pending_runs
+from textseg.plan.prepare import JobPlan
+from textseg.plan.summary import RunSummary
+from textseg.plan.work import ListingTally, list_work
+
+
+class _Parts:
+    """Metadata rows collected into parts of PART_ROWS, tallied as they are written."""
+
+    def __init__(self, plan: JobPlan, prefix: str):
+        self.plan, self.prefix = plan, prefix
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+        self.written = 0
+        self.tally = Tally()
+
+    def add(self, table: pa.Table) -> None:
+        self.tables.append(table)
+        self.rows += table.num_rows
+        if self.rows >= PART_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.concat_tables(self.tables).cast(METADATA_SCHEMA)
+        name = f"{self.prefix}{self.written:06d}"
+        write_metadata_part(table, self.plan.metadata_uri, self.plan.config.storage_options, name)
+        self.tally.add(Tally.of(table))
+        self.tables, self.rows, self.written = [], 0, self.written + 1
+
+
+def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> RunSummary:
+    """Label what SOURCE holds and DEST's state does not, in this process; returns the run summary.
+
+    One listed image at a time is decoded, so a scene's windows (possibly hundreds) are scored and parked
+    `batch_size` at a time: memory stays bounded by a window batch, as in the Ray plan.
+    """
+    config = plan.config
+    merge_pending_runs(plan)
+    settings = plan.stage_settings
+    listing = ListingTally()
+    parts = _Parts(plan, "part-")
+    labeler: Labeler | None = None  # loaded at the first image: a run with nothing to do loads no model
+    bar = tqdm(unit="img", disable=not progress)
+    index = DoneIndex.load(config.dest, config.storage_options)
+    for work in list_work(plan.shards, plan.work_settings(index), listing):
+        for row in work.to_pylist():
+            if labeler is None:
+                labeler = Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors)
+            pieces = decode_stage(rows_to_batch([row]), settings)
+            for start in range(0, batch_len(pieces), batch_size):
+                chunk = take(pieces, range(start, min(start + batch_size, batch_len(pieces))))
+                parts.add(write_stage(labeler(chunk), settings))
+            bar.update(1)
+    parts.flush()
+    bar.close()
+    scenes = _Parts(plan, "part-scenes-")
+    for uri in manifest_uris(settings):
+        scenes.add(assemble_batch({"manifest_uri": np.array([uri], dtype=object)}, settings))
+    scenes.flush()
+    parts.tally.add(scenes.tally)
+    return finish(plan, listing, parts.tally)

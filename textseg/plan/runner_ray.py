@@ -1,0 +1,190 @@
+"""The Ray Data plan: listing tasks -> decode (CPU tasks) -> model actors -> write (CPU tasks) -> sink.
+
+    read_datasource(ListingDatasource)   one read task per listing shard: lists, skips what DEST's
+                                         state says is done, streams work rows (textseg.plan.work)
+    -> decode_stage      CPU tasks: compressed bytes in, model-size uint8 pixels out
+    -> Labeler           actor pool (one GPU each, or CPU actors; textseg.plan.resources)
+    -> write_stage       CPU tasks: masks into DEST/masks/, metadata rows out
+    -> MetadataDatasink  DEST/metadata/<run_id>/part-*.parquet, ~100 k rows a part, tallies back
+
+The driver holds the plan (shards, the state's file list) and tallies, never a row per image. Rows carry
+compressed-image URIs into the decode tasks and uint8 pixels out of them, so decoded images never cross
+the object store; actors ship uint8 labels, never float scores. Ray retries failed tasks and restarts dead
+actors; every write is idempotent (masks are rewritten atomically under the same name, part files are
+named by write task), so a retried task never duplicates a row. A stage that raises on a batch retries
+it image by image (textseg.pipeline.batches); a `JobError` from any stage ends the run at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import ray
+from ray.data import DataContext
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from textseg import storage
+from textseg.errors import JobError, describe_exception
+from textseg.outputs.metadata import Tally
+from textseg.outputs.sinks import MetadataDatasink
+from textseg.outputs.state import DoneIndex
+from textseg.pipeline.decode import decode_stage
+from textseg.pipeline.label import Labeler
+from textseg.pipeline.scenes import assemble_batch, manifest_uris
+from textseg.pipeline.write import write_stage
+from textseg.plan.finish import finish, merge_pending_runs
+from textseg.plan.prepare import JobPlan
+from textseg.plan.resources import cluster_capacity, map_batches_kwargs, plan_model_pool
+from textseg.plan.summary import RunSummary
+from textseg.plan.work import WorkSettings, list_work, read_listing_tallies
+from textseg.source.listing import Shard
+
+log = logging.getLogger(__name__)
+
+# Rows per CPU task: enough to amortize task overhead, small enough to spread over every core.
+CPU_TASK_BATCH = 16
+# Images per model call: a GPU keeps getting faster up to ~128; a CPU gains nothing past ~8.
+GPU_BATCH, CPU_BATCH = 64, 8
+
+
+def connect(address: str | None) -> None:
+    """Join `address` (a running cluster), or start an embedded local Ray when None."""
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+
+
+class ListingDatasource(Datasource):
+    """SOURCE as Ray read tasks: each lists a group of shards and streams their work rows."""
+
+    def __init__(self, shards: Sequence[Shard], settings: WorkSettings):
+        self.shards = list(shards)
+        self.settings = settings
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, **_: Any
+    ) -> list[ReadTask]:
+        # --limit lists the first N images in SOURCE's order: one task, all shards in turn.
+        count = 1 if self.settings.limit is not None else max(1, min(len(self.shards), parallelism))
+        groups = [self.shards[i::count] for i in range(count)]
+        return [
+            ReadTask(
+                functools.partial(list_work, group, self.settings),
+                BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None),
+            )
+            for group in groups
+            if group
+        ]
+
+
+def ray_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterable[Any]:
+    """`map` as Ray tasks (one CPU each, retried on worker loss): the state compaction's steps."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    return ray.get([_call.remote(fn, item) for item in items])
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _call(fn: Callable[[Any], Any], item: Any) -> Any:
+    return fn(item)
+
+
+def run_ray(plan: JobPlan) -> RunSummary:
+    """Run the plan on the connected Ray cluster and close the run; raises `JobError` after writing the
+    summary when the run cannot go on."""
+    config = plan.config
+    connect(config.ray_address)
+    pool = plan_model_pool(config.device, config.actors, cluster_capacity())
+    merge_pending_runs(plan, ray_map)
+    index = DoneIndex.load(config.dest, config.storage_options)
+    settings = plan.stage_settings
+    context = DataContext.get_current()
+    context.enable_progress_bars = True
+    sink = MetadataDatasink(plan.metadata_uri, config.storage_options)
+    scene_sink = MetadataDatasink(plan.metadata_uri, config.storage_options, "part-scenes-")
+    failure: str | None = None
+    try:
+        dataset = ray.data.read_datasource(ListingDatasource(plan.shards, plan.work_settings(index)))
+        dataset = dataset.map_batches(
+            functools.partial(decode_stage, settings=settings),
+            batch_size=CPU_TASK_BATCH,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        batch_size = config.batch_size or (GPU_BATCH if pool.use_gpu else CPU_BATCH)
+        dataset = dataset.map_batches(
+            Labeler,
+            fn_constructor_kwargs={
+                "model": plan.model,
+                "ontology": plan.ontology,
+                "device": pool.device,
+                "batch_size": batch_size,
+                "keep_scores": config.vectors,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            **map_batches_kwargs(pool),
+        )
+        dataset = dataset.map_batches(
+            functools.partial(write_stage, settings=settings),
+            batch_size=CPU_TASK_BATCH,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        dataset.write_datasink(sink)
+        manifests = manifest_uris(settings)
+        if manifests:
+            scenes = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
+            scenes = scenes.map_batches(
+                functools.partial(assemble_batch, settings=settings),
+                batch_size=1,
+                batch_format="numpy",
+                num_cpus=1,
+            )
+            scenes.write_datasink(scene_sink)
+    except Exception as err:  # noqa: BLE001 - the run summary is written before the run ends
+        job_error = _job_error_in(err)
+        secrets = storage.secret_values(config.storage_options)
+        reason = str(job_error) if job_error else describe_exception(_root_cause(err))
+        failure = "failed: " + storage.redact(reason, secrets)
+        log.debug("the run ended early", exc_info=True)
+    rows = Tally()
+    rows.add(sink.tally)
+    rows.add(scene_sink.tally)
+    listing = read_listing_tallies(plan.tally_uri, config.storage_options)
+    summary = finish(plan, listing, rows, ray_map, failure)
+    if failure is not None:
+        raise JobError(failure.removeprefix("failed: ") + f" (run summary: {summary.run_id})")
+    return summary
+
+
+def _job_error_in(err: BaseException) -> JobError | None:
+    """The JobError a stage raised, found through Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, JobError):
+            return JobError(str(current).split("\n")[0]) if "\n" in str(current) else current
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, BaseException) and isinstance(cause, JobError):
+            return cause
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception under Ray's wrappers, for a one-line reason."""
+    current = err
+    while True:
+        nxt = getattr(current, "cause", None) or current.__cause__
+        if not isinstance(nxt, BaseException) or nxt is current:
+            return current
+        current = nxt

@@ -1,0 +1,95 @@
+"""The run summary (DEST/runs/<run_id>.json) and how a run's status is decided from its counts.
+
+Counts come from what the stages produced (listing tallies, the metadata sink's tallies), never from
+re-reading DEST. listed == skipped + ok + error for a run that finished.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from textseg.outputs.metadata import Tally
+
+STATUS_SUCCEEDED = "succeeded"
+
+
+@dataclass
+class RunSummary:
+    """What `DEST/runs/<run_id>.json` holds. listed == skipped + ok + error for a finished run."""
+
+    run_id: str
+    config: dict[str, Any]
+    versions: dict[str, str]
+    model_id: str
+    ontology_hash: str
+    class_names: list[str]
+    started_at: str
+    finished_at: str | None = None
+    listed: int = 0
+    skipped: int = 0
+    ok: int = 0
+    error: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    # The most frequent error categories (a reason's text before ':'), each with one full example.
+    top_errors: list[tuple[str, int]] = field(default_factory=list)
+    error_examples: dict[str, str] = field(default_factory=dict)
+    shards: int = 0  # listing shards SOURCE was split into
+    polygons: int | None = None  # with --vectors: polygons written to DEST/vectors/<run_id>.parquet
+    status: str = "running"
+
+    @property
+    def attempted(self) -> int:
+        return self.ok + self.error
+
+    @property
+    def error_rate(self) -> float:
+        return self.error / self.attempted if self.attempted else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        total = self.timings_s.get("total", 0.0)
+        return self.attempted / total if total > 0 else 0.0
+
+    def to_json(self) -> str:
+        payload = asdict(self)
+        payload["images_per_s"] = round(self.images_per_s, 3)
+        return json.dumps(payload, indent=2, default=str)
+
+    def line(self) -> str:
+        """The closing summary line a run prints."""
+        return (
+            f"run {self.run_id}: listed {self.listed}, skipped {self.skipped} (already done), "
+            f"labeled {self.ok}, failed {self.error}, {self.images_per_s:.1f} images/s"
+        )
+
+
+def decide_status(summary: RunSummary, max_error_rate: float) -> str:
+    """succeeded, failed (too many errors), or incomplete (images without a row: a bug or lost work)."""
+    accounted = summary.skipped + summary.ok + summary.error
+    if accounted != summary.listed:
+        return f"incomplete: {summary.listed - accounted} listed images have no row"
+    if summary.error_rate > max_error_rate:
+        return (
+            f"failed: {summary.error} of {summary.attempted} images failed "
+            f"({summary.error_rate:.1%} > --max-error-rate {max_error_rate:.1%})"
+        )
+    return STATUS_SUCCEEDED
+
+
+def count_rows(summary: RunSummary, tally: Tally) -> None:
+    summary.ok, summary.error = tally.ok, tally.error
+    summary.top_errors = tally.top_errors()
+    summary.error_examples = {c: tally.examples[c] for c, _ in summary.top_errors}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("textseg", "ray", "torch", "transformers", "pyarrow", "pillow", "fsspec", "s3fs"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

@@ -1,0 +1,1 @@
+"""SOURCE -> shards -> image refs: what a run finds to label."""
