@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.s3_server import S3Server
-from textseg.source.listing import ImageRef, ListingError, find_mask_collisions, list_images, mask_relpath
+from textseg.source.listing import ListingError, list_images, plan_shards
+from textseg.source.refs import ImageRef, flag_collisions, mask_relpath
 
 # Nested folders, spaces, unicode, an upper-case extension and files that are not images.
 TREE = {
@@ -327,29 +328,47 @@ def test_mask_relpath_swaps_the_extension_for_png() -> None:
         mask_relpath("../a.jpg")
 
 
-def test_find_mask_collisions_names_every_other_image_with_the_same_mask() -> None:
+def _collisions(refs: list[ImageRef]) -> dict[str, str]:
+    return {r.relpath: r.problem for r in flag_collisions(refs) if r.problem and r.relpath}
+
+
+def test_flag_collisions_names_every_other_image_with_the_same_mask() -> None:
     def ref(relpath: str, problem: str | None = None) -> ImageRef:
         return ImageRef(uri=f"/src/{relpath}", relpath=relpath, fingerprint="size:1", size=1, problem=problem)
 
     refs = [
         ref("a.jpg"),
         ref("a.png"),
+        ref("a.sub.png"),  # stem 'a.sub' lies between the 'a.' names in sorted order
         ref("a.tif"),
         ref("b.jpg"),
         ref("sub/a.jpg"),
         ref("", problem="unsafe"),
     ]
-    assert find_mask_collisions(refs) == {
-        "a.jpg": ["a.png", "a.tif"],
-        "a.png": ["a.jpg", "a.tif"],
-        "a.tif": ["a.jpg", "a.png"],
+    out = list(flag_collisions(refs))
+    assert len(out) == len(refs)  # nothing dropped
+    assert _collisions(refs) == {
+        "a.jpg": "mask name collision with 'a.png', 'a.tif'",
+        "a.png": "mask name collision with 'a.jpg', 'a.tif'",
+        "a.tif": "mask name collision with 'a.jpg', 'a.png'",
     }
-    assert find_mask_collisions([ref("a.jpg"), ref("A.png")]) == {}
+    assert _collisions([ref("a.jpg"), ref("A.png")]) == {}
 
 
 def test_collisions_found_in_a_real_listing(tmp_path: Path) -> None:
-    root = _make_tree(tmp_path, {"x/a.jpg": b"1", "x/a.png": b"2", "x/b.jpg": b"3"})
-    assert find_mask_collisions(list(list_images(str(root)))) == {
-        "x/a.jpg": ["x/a.png"],
-        "x/a.png": ["x/a.jpg"],
+    root = _make_tree(tmp_path, {"x/a.jpg": b"1", "x/a.png": b"2", "x/b.jpg": b"3", "y/a.jpg": b"4"})
+    refs = list(list_images(str(root)))
+    assert {r.relpath: r.problem for r in refs if r.problem} == {
+        "x/a.jpg": "mask name collision with 'x/a.png'",
+        "x/a.png": "mask name collision with 'x/a.jpg'",
     }
+    assert len(refs) == 4
+
+
+def test_a_folder_source_is_split_into_shards_that_list_every_image_once(tmp_path: Path) -> None:
+    files = {f"d{i}/e{j}/img{k}.png": b"x" for i in range(3) for j in range(2) for k in range(2)}
+    root = _make_tree(tmp_path, {**files, "top.png": b"t"})
+    shards = plan_shards(str(root), target=4)
+    assert len(shards) > 1
+    names = [r.relpath for shard in shards for r in shard.refs(None)]
+    assert sorted(names) == sorted([*files, "top.png"])

@@ -52,7 +52,16 @@ from textseg.source.refs import (
     protocol_name,
     relative_to,
 )
-from textseg.storage import StorageError, call_with_retry, filesystem_for, is_local, is_transient, redact_uri
+from textseg.storage import (
+    StorageError,
+    call_with_retry,
+    filesystem_for,
+    is_local,
+    is_transient,
+    redact_uri,
+    relpath_problem,
+    split_credentials,
+)
 
 _S3_PAGE = 1000  # S3 returns at most 1000 keys per page: hand them over a page at a time
 
@@ -191,6 +200,7 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, whole: FolderShard, target: in
     kept; the files met on the way are counted by their own shard's task, not here."""
     done: list[Shard] = []
     frontier = [whole]
+    planned = {_inode(whole.folder)} if is_local(fs) else set()  # a folder reached twice is split once
     for _ in range(MAX_PLANNED_LEVELS):
         if len(done) + len(frontier) >= target or not frontier:
             break
@@ -200,14 +210,26 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, whole: FolderShard, target: in
                 done.append(shard)  # matches lie in this folder's files or one level down: not worth it
                 continue
             subfolders = _subfolders(fs, shard)
+            if subfolders is None:
+                done.append(shard)
+                continue
+            if is_local(fs):
+                subfolders = [sub for sub in subfolders if _inode(sub) not in planned]
+                planned.update(_inode(sub) for sub in subfolders)
             done.append(replace(shard, recursive=False))
             next_frontier += [replace(shard, folder=sub) for sub in subfolders]
         frontier = next_frontier
-    shards = done + list(frontier)
+    # In the order a single depth-first walk lists: a folder's files, then its subfolders by name.
+    shards = sorted(done + list(frontier), key=_walk_order)
     if not is_local(fs) or len(shards) == 1:
         return list(shards)
     owned = frozenset(_inode(s.folder) for s in shards)
     return [replace(s, owned_elsewhere=owned - {_inode(s.folder)}) for s in shards]
+
+
+def _walk_order(shard: FolderShard) -> tuple[str, ...]:
+    segments = () if shard.folder == shard.root else tuple(relative_to(shard.folder, shard.root).split("/"))
+    return segments if shard.recursive else (*segments, "")
 
 
 def _inode(folder: str) -> tuple[int, int]:
@@ -219,8 +241,11 @@ def _depth(shard: FolderShard) -> int:
     return 0 if shard.folder == shard.root else relative_to(shard.folder, shard.root).count("/") + 1
 
 
-def _subfolders(fs: fsspec.AbstractFileSystem, shard: FolderShard) -> list[str]:
-    """The folder's direct subfolders in name order, skipping excluded ones (one delimiter listing)."""
+def _subfolders(fs: fsspec.AbstractFileSystem, shard: FolderShard) -> list[str] | None:
+    """The folder's direct subfolders in name order, skipping excluded ones (one delimiter listing);
+    None when the folder cannot be split safely: an object store "folder" whose name is not a plain
+    segment ('raw//x.jpg' lists as a folder 'raw/'), which only a flat listing of the whole prefix sees
+    as it is."""
     if is_local(fs):
         try:
             with os.scandir(shard.folder) as scan:
@@ -233,7 +258,16 @@ def _subfolders(fs: fsspec.AbstractFileSystem, shard: FolderShard) -> list[str]:
         entries = call_with_retry(
             lambda: fs.ls(shard.folder, detail=True, refresh=True), f"list '{shard.source}'"
         )
-        names = sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+        names = sorted(e["name"] for e in entries if e.get("type") == "directory")
+        prefix = shard.folder.rstrip("/") + "/"
+        if any(
+            not n.startswith(prefix)
+            or relpath_problem(n[len(prefix) :].rstrip("/"))
+            or "/" in n[len(prefix) :].rstrip("/")
+            for n in names
+        ):
+            return None
+        names = [n.rstrip("/") for n in names]
     return [n for n in names if not Excluded.covers(shard.excluded, fs, n)]
 
 
@@ -355,5 +389,6 @@ def list_images(
 
     SOURCE is checked when this is called (ListingError), the listing itself streams.
     """
-    shards = plan_shards(source, storage_options, exclude_prefix=exclude_prefix)
-    return itertools.chain.from_iterable(shard.refs(storage_options) for shard in shards)
+    options = {**split_credentials(source)[1], **(storage_options or {})}  # as JobConfig moves them
+    shards = plan_shards(source, options, exclude_prefix=exclude_prefix)
+    return itertools.chain.from_iterable(shard.refs(options) for shard in shards)
