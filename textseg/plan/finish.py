@@ -50,7 +50,12 @@ def finish(
         summary.timings_s["state"] = round(time.perf_counter() - labeled_at, 3)
         if plan.vector_settings is not None and failure is None:
             summary.polygons = merge_run_vectors(
-                plan.scratch_uri, config.dest, plan.run_id, plan.vector_settings, config.storage_options
+                plan.scratch_uri,
+                config.dest,
+                plan.run_id,
+                plan.vector_settings,
+                config.storage_options,
+                map_fn,
             )
     except Exception as err:  # noqa: BLE001 - the run summary must still be written
         failure = (

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CPU_TASK_BATCH = 16
 # Images per model call: a GPU keeps getting faster up to ~128; a CPU gains nothing past ~8.
 GPU_BATCH, CPU_BATCH = 64, 8
+SPREAD = {"scheduling_strategy": "SPREAD"}
 
 
 def connect(address: str | None) -> None:
@@ -111,12 +112,16 @@ def run_ray(plan: JobPlan) -> RunSummary:
     scene_sink = MetadataDatasink(plan.metadata_uri, config.storage_options, "part-scenes-")
     failure: str | None = None
     try:
-        dataset = ray.data.read_datasource(ListingDatasource(plan.shards, plan.work_settings(index)))
+        # SPREAD: listing, decoding and writing use every node's CPUs, not just the head's.
+        dataset = ray.data.read_datasource(
+            ListingDatasource(plan.shards, plan.work_settings(index)), ray_remote_args=SPREAD
+        )
         dataset = dataset.map_batches(
             functools.partial(decode_stage, settings=settings),
             batch_size=CPU_TASK_BATCH,
             batch_format="numpy",
             num_cpus=1,
+            **SPREAD,
         )
         batch_size = config.batch_size or (GPU_BATCH if pool.use_gpu else CPU_BATCH)
         dataset = dataset.map_batches(
@@ -130,6 +135,8 @@ def run_ray(plan: JobPlan) -> RunSummary:
             },
             batch_size=batch_size,
             batch_format="numpy",
+            # Unlike the CPU stages' SPREAD, so Ray never fuses decoding into the model actors.
+            scheduling_strategy="DEFAULT",
             **map_batches_kwargs(pool),
         )
         dataset = dataset.map_batches(
@@ -137,6 +144,7 @@ def run_ray(plan: JobPlan) -> RunSummary:
             batch_size=CPU_TASK_BATCH,
             batch_format="numpy",
             num_cpus=1,
+            **SPREAD,
         )
         dataset.write_datasink(sink)
         manifests = manifest_uris(settings)

@@ -60,6 +60,7 @@ a limit for manifests in random order.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import os
 import posixpath
@@ -111,14 +112,16 @@ LOOKUP_THREADS = 16
 _LOOKUP_CHUNK = 256  # entries looked up per batch, so results stream out and memory stays flat
 _SCAN_BATCH_ROWS = 65_536  # rows per batch when Parquet is scanned
 _CSV_BLOCK_BYTES = 1 << 20  # pyarrow's block size when a gzip CSV is streamed
+_SAMPLE_ROWS = 1_000  # rows of a header-less inventory CSV whose values tell its columns apart
 
 PARQUET_MAGIC = b"PAR1"
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which spreadsheet programs put first
 # S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, starting and ending alphanumeric.
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _DIGITS = re.compile(r"\d+")
-_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d")
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d.*")
 _ETAG = re.compile(r"[0-9a-fA-F]{32}(-\d+)?")
-_BOOLEANS = frozenset({"true", "false"})
+_BOOLEAN = re.compile(r"(?i:true|false)")
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class Columns:
 
     def needed(self, *, fingerprints: bool) -> list[str]:
         """The columns to read: those naming the object, and to list it those fingerprinting it."""
+        names: list[str | None]
         if self.uri is not None:
             names = [self.uri]
         else:
@@ -310,7 +314,9 @@ def plan_manifest_shards(
         if planned is not None:
             return planned
     elif lowered.endswith(".parquet") or _head(fs, path, size, display) == PARQUET_MAGIC:
-        return _plan_parquet(fs, Manifest(display, protocol, path, "parquet", excluded=excluded), rows_per_shard)
+        return _plan_parquet(
+            fs, Manifest(display, protocol, path, "parquet", excluded=excluded), rows_per_shard
+        )
     return _plan_text(fs, Manifest(display, protocol, path, "text", excluded=excluded), size, bytes_per_shard)
 
 
@@ -388,7 +394,9 @@ def _plan_csv(
         ranges.append((start, start + len(data), row, row + table.num_rows - 1))
         row += table.num_rows
     planned = survey.planned(columns or Columns(bucket=names[0], key=names[1], csv_names=names))
-    return [CsvShard(planned, start, stop, first_row, last_row) for start, stop, first_row, last_row in ranges]
+    return [
+        CsvShard(planned, start, stop, first_row, last_row) for start, stop, first_row, last_row in ranges
+    ]
 
 
 def _plan_gzip_csv(fs: fsspec.AbstractFileSystem, manifest: Manifest, chunk_rows: int) -> list[Shard]:
@@ -410,7 +418,9 @@ def _plan_gzip_csv(fs: fsspec.AbstractFileSystem, manifest: Manifest, chunk_rows
         sample = next(_gzip_csv_batches(fs, manifest, names, None, header=False))
         columns = _inventory_columns(sample.slice(0, _SAMPLE_ROWS))
     survey = _Survey(manifest)
-    counted = _Counted(_gzip_csv_batches(fs, manifest, columns.csv_names, columns.needed(fingerprints=False), header=header))
+    counted = _Counted(
+        _gzip_csv_batches(fs, manifest, columns.csv_names, columns.needed(fingerprints=False), header=header)
+    )
     survey.add(_batches_rows(counted, columns, 1, _Resolver.of(manifest)))
     planned = survey.planned(columns)
     return [CsvShard(planned, 0, -1, 1, counted.rows, compressed=True, header=header, chunk_rows=chunk_rows)]
@@ -422,7 +432,9 @@ def _plan_parquet(fs: fsspec.AbstractFileSystem, manifest: Manifest, shard_rows:
         metadata = parquet.metadata
         group_rows = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
         survey = _Survey(manifest)
-        batches = parquet.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=columns.needed(fingerprints=False))
+        batches = parquet.iter_batches(
+            batch_size=_SCAN_BATCH_ROWS, columns=columns.needed(fingerprints=False)
+        )
         survey.add(_batches_rows(_arrow_errors(batches, manifest), columns, 1, _Resolver.of(manifest)))
     planned = survey.planned(columns)
     shards: list[Shard] = []
@@ -561,22 +573,23 @@ def _table_rows(
             return itertools.repeat(None, count)
         return table.column(name).to_pylist()
 
-    sizes, etags = values(columns.size), values(columns.etag)
+    sizes, etags = values(columns.size), list(values(columns.etag))
     # A time only matters without an ETag, and turning a column of times into Python is slow.
-    all_etags = columns.etag in present and table.column(columns.etag).null_count == 0
-    times = itertools.repeat(None, count) if all_etags else values(columns.last_modified)
+    times = itertools.repeat(None, count) if all(etags) else values(columns.last_modified)
     numbers = range(first_row, first_row + count)
     source = resolver.manifest.source
     if columns.uri is not None:
-        for number, uri, size, etag, modified in zip(numbers, values(columns.uri), sizes, etags, times):
+        for number, uri, size, etag, modified in zip(
+            numbers, values(columns.uri), sizes, etags, times, strict=False
+        ):
             entry = uri.strip() if isinstance(uri, str) else ""
             if not entry:
                 yield _Row(number, "", None, problem=f"row {number} of the manifest '{source}' has no uri")
                 continue
             yield resolver.row(number, entry, *_given(size, etag, modified))
         return
-    flags = zip(values(columns.is_latest), values(columns.is_delete_marker))
-    rows = zip(numbers, values(columns.bucket), values(columns.key), sizes, etags, times, flags)
+    flags = zip(values(columns.is_latest), values(columns.is_delete_marker), strict=False)
+    rows = zip(numbers, values(columns.bucket), values(columns.key), sizes, etags, times, flags, strict=False)
     for number, bucket, key, size, etag, modified, (latest, deleted) in rows:
         if _flag(deleted) is True or _flag(latest) is False:
             continue  # a delete marker or an older version: not the object s3://bucket/key reads
@@ -646,7 +659,9 @@ def _listed(
         yield from _chunk_refs(manifest, fs, chunk)
 
 
-def _chunk_refs(manifest: Manifest, fs: fsspec.AbstractFileSystem, rows: Iterable[_Row]) -> Iterator[ImageRef]:
+def _chunk_refs(
+    manifest: Manifest, fs: fsspec.AbstractFileSystem, rows: Iterable[_Row]
+) -> Iterator[ImageRef]:
     root, excluded = manifest.root, manifest.excluded
     problems: list[ImageRef] = []
     entries: dict[str, tuple[str, int, str | None]] = {}  # path -> relpath, size, fingerprint (None: look up)
@@ -682,9 +697,13 @@ def _looked_up(
             looked_up: dict[str, FoundFile] = {}
             if unknown:
                 pool = pool or ThreadPoolExecutor(max_workers=LOOKUP_THREADS)
-                looked_up = dict(zip(unknown, pool.map(lambda path: _look_up(fs, path), unknown), strict=True))
+                looked_up = dict(
+                    zip(unknown, pool.map(lambda path: _look_up(fs, path), unknown), strict=True)
+                )
             for path, (relpath, size, found) in chunk:
-                yield make_ref(fs, looked_up[path] if found is None else FoundFile(path, size, found), relpath)
+                yield make_ref(
+                    fs, looked_up[path] if found is None else FoundFile(path, size, found), relpath
+                )
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -726,14 +745,16 @@ def _size(fs: fsspec.AbstractFileSystem, path: str, display: str) -> int:
 def _head(fs: fsspec.AbstractFileSystem, path: str, size: int, display: str) -> bytes:
     if size < len(PARQUET_MAGIC):
         return b""
-    return call_with_retry(lambda: fs.cat_file(path, 0, len(PARQUET_MAGIC)), f"read the manifest '{display}'")
+    return call_with_retry(
+        lambda: fs.cat_file(path, start=0, end=len(PARQUET_MAGIC)), f"read the manifest '{display}'"
+    )
 
 
 def _read_range(fs: fsspec.AbstractFileSystem, manifest: Manifest, start: int, stop: int) -> bytes:
     if stop <= start:
         return b""
     return call_with_retry(
-        lambda: fs.cat_file(manifest.path, start, stop),
+        lambda: fs.cat_file(manifest.path, start=start, end=stop),
         f"read bytes {start}-{stop} of the manifest '{manifest.source}'",
     )
 
@@ -855,7 +876,9 @@ def _inventory_columns(sample: pa.RecordBatch | pa.Table) -> Columns:
     values = [[value for value in sample.column(name).to_pylist() if value] for name in names]
 
     def all_match(index: int, pattern: re.Pattern[str]) -> bool:
-        return index < len(values) and bool(values[index]) and all(pattern.fullmatch(v) for v in values[index])
+        return (
+            index < len(values) and bool(values[index]) and all(pattern.fullmatch(v) for v in values[index])
+        )
 
     def first(start: int, pattern: re.Pattern[str]) -> str | None:
         return next((names[i] for i in range(start, len(names)) if all_match(i, pattern)), None)
@@ -897,7 +920,9 @@ def _csv_options(names: Sequence[str], include: Sequence[str] | None, **read: An
     }
 
 
-def _parse_csv(data: bytes, manifest: Manifest, names: Sequence[str], include: Sequence[str] | None) -> pa.Table:
+def _parse_csv(
+    data: bytes, manifest: Manifest, names: Sequence[str], include: Sequence[str] | None
+) -> pa.Table:
     """Whole CSV records without a header -> a table of `include` (None: all) columns, as strings."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
@@ -951,7 +976,9 @@ def _parquet_batches(
     fs: fsspec.AbstractFileSystem, manifest: Manifest, columns: Sequence[str], row_groups: Sequence[int]
 ) -> Iterator[pa.RecordBatch]:
     with _open_parquet(fs, manifest) as parquet:
-        batches = parquet.iter_batches(batch_size=_SCAN_BATCH_ROWS, row_groups=list(row_groups), columns=list(columns))
+        batches = parquet.iter_batches(
+            batch_size=_SCAN_BATCH_ROWS, row_groups=list(row_groups), columns=list(columns)
+        )
         yield from _arrow_errors(batches, manifest)
 
 
