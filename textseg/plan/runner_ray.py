@@ -174,7 +174,12 @@ def run_ray(plan: JobPlan) -> RunSummary:
 
 
 def _job_error_in(err: BaseException) -> JobError | None:
-    """The JobError a stage raised, found through Ray's wrappers (RayTaskError, UserCodeException)."""
+    """The JobError a stage raised, found through Ray's wrappers (RayTaskError, UserCodeException; an
+    actor that died in its constructor keeps only the text of the error)."""
+    text = str(err)
+    marker = f"{JobError.__module__}.{JobError.__qualname__}: "
+    if marker in text:
+        return JobError(text.split(marker, 1)[1].split("\n", 1)[0].strip())
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
