@@ -159,10 +159,10 @@ def bench_manifest(rows: int, work: pathlib.Path) -> None:
 def bench_history(images: int, runs: int, work: pathlib.Path) -> None:
     """The skip check (a dry run: list + look up) after 1 and after `runs` earlier runs over the same
     images. Earlier runs are made the way runs end: their metadata written, then merged into the state."""
+    from textseg.config import JobConfig
     from textseg.outputs.metadata import METADATA_SCHEMA, new_run_id, write_metadata_part
     from textseg.outputs.state import compact
     from textseg.plan.prepare import load_ontology
-    from textseg.config import JobConfig
     from textseg.source.listing import list_images
 
     model = tiny_model(work / "model")

@@ -66,7 +66,12 @@ def test_error_counts_group_by_reason_category() -> None:
     table = pa.table(
         {
             "status": ["ok", "error", "error", "error"],
-            "error": [None, "decode: truncated file a", "decode: truncated file b", "the model stage failed: x"],
+            "error": [
+                None,
+                "decode: truncated file a",
+                "decode: truncated file b",
+                "the model stage failed: x",
+            ],
         }
     )
     tally = Tally.of(table)

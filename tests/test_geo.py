@@ -37,9 +37,9 @@ from textseg.image.rasters import (  # noqa: E402
     xyz_georef,
     xyz_tile,
 )
+from textseg.image.windows import Window, grid_windows, tile_windows  # noqa: E402
 from textseg.ontology import from_prompts  # noqa: E402
 from textseg.storage import filesystem_for  # noqa: E402
-from textseg.image.windows import Window, grid_windows, tile_windows  # noqa: E402
 
 UTM_33N = "EPSG:32633"
 ORIGIN = (500000.0, 6000000.0)

@@ -11,11 +11,11 @@ from PIL import Image
 rasterio = pytest.importorskip("rasterio")
 
 from textseg.image.rasters import GeoRef, read_georef, read_window_rgb, xyz_tile  # noqa: E402
-from textseg.training.geo_synth import write_geotiff_scene, write_xyz_pyramid  # noqa: E402
+from textseg.image.windows import Window  # noqa: E402
 from textseg.ontology import from_yaml_text  # noqa: E402
 from textseg.storage import filesystem_for  # noqa: E402
+from textseg.training.geo_synth import write_geotiff_scene, write_xyz_pyramid  # noqa: E402
 from textseg.training.synth import SYNTH_CLASSES  # noqa: E402
-from textseg.image.windows import Window  # noqa: E402
 
 
 def _mosaic(root: pathlib.Path, folder: str, relpaths: list[str], nx: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""textseg.source.listing over local folders and a real S3 protocol server (moto over loopback, through s3fs)."""
+"""textseg.source.listing over local folders and a real S3 protocol server (moto over loopback, s3fs)."""
 
 from __future__ import annotations
 

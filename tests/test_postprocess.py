@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from textseg.outputs.metadata import class_statistics
 from textseg.labels.postprocess import NODATA, ClassGrouping, label_image
+from textseg.outputs.metadata import class_statistics
 
 
 def spec_labels(logits: torch.Tensor, size: tuple[int, int], grouping: ClassGrouping) -> torch.Tensor:

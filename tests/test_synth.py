@@ -9,8 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from textseg.outputs.masks import decode_png_mask
 from textseg.ontology import from_yaml_text
+from textseg.outputs.masks import decode_png_mask
 from textseg.training import synth
 from textseg.training.synth import SYNTH_CLASSES, render_scene, render_tile, write_synth_dataset
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import textseg
-from textseg.models import load_model, resolve_model
-from textseg.labels.postprocess import ClassGrouping, label_image
 from textseg.image.pieces import WindowPlan
+from textseg.labels.postprocess import ClassGrouping, label_image
+from textseg.models import load_model, resolve_model
 from textseg.training.synth import SYNTH_CLASSES, render_scene
 
 MARGIN = 32  # pixels from a window border inside the image: the context a window lacks there

@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.test_fusion import make_tiny_text_model
-from textseg.outputs.masks import encode_png_mask
 from textseg.ontology import from_mapping
+from textseg.outputs.masks import encode_png_mask
 from textseg.training.datasets import DatasetError, load_labeled_images
 from textseg.training.trainer import (
     STATE_JSON,

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from shapely.geometry import Polygon, box  # noqa: E402
 
 from textseg.image.rasters import GeoRef, xyz_georef  # noqa: E402
-from textseg.storage import filesystem_for  # noqa: E402
+from textseg.image.windows import Window, quantize_scores  # noqa: E402
 from textseg.labels.vectors import (  # noqa: E402
     VectorSettings,
     filter_by_area,
@@ -27,7 +27,7 @@ from textseg.labels.vectors import (  # noqa: E402
     read_geoparquet,
     write_geoparquet,
 )
-from textseg.image.windows import Window, quantize_scores  # noqa: E402
+from textseg.storage import filesystem_for  # noqa: E402
 
 CLASS_NAMES = ["background", "building", "water"]
 PIXEL = 0.5

@@ -31,8 +31,8 @@ class StageSettings:
     input_spec: InputSpec
     max_pixels: int  # decompression-bomb limit
     window_plan: WindowPlan
-    class_names: tuple[str, ...]  # background first
-    palette: tuple[int, ...]  # the masks' PNG palette
+    class_names: list[str]  # background first
+    palette: list[int]  # the masks' PNG palette
     thresholds: tuple[float, ...]  # per class, without background
     score_kind: ScoreKind
     model_id: str

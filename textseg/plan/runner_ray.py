@@ -69,7 +69,10 @@ class ListingDatasource(Datasource):
         return None
 
     def get_read_tasks(
-        self, parallelism: int, per_task_row_limit: int | None = None, **_: Any
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: DataContext | None = None,
     ) -> list[ReadTask]:
         # --limit lists the first N images in SOURCE's order: one task, all shards in turn.
         count = 1 if self.settings.limit is not None else max(1, min(len(self.shards), parallelism))
@@ -149,7 +152,7 @@ def run_ray(plan: JobPlan) -> RunSummary:
         dataset.write_datasink(sink)
         manifests = manifest_uris(settings)
         if manifests:
-            scenes = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
+            scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
             scenes = scenes.map_batches(
                 functools.partial(assemble_batch, settings=settings),
                 batch_size=1,

@@ -195,10 +195,14 @@ def _glob_shards(
 
 
 def _folder_shards(fs: fsspec.AbstractFileSystem, whole: FolderShard, target: int) -> list[Shard]:
+    return list(_split_folder(fs, whole, target))
+
+
+def _split_folder(fs: fsspec.AbstractFileSystem, whole: FolderShard, target: int) -> list[FolderShard]:
     """Split a tree shard into its folder's own files plus one tree shard per subfolder, breadth first,
     until there are `target` shards or MAX_PLANNED_LEVELS levels were split. Only the folder names are
     kept; the files met on the way are counted by their own shard's task, not here."""
-    done: list[Shard] = []
+    done: list[FolderShard] = []
     frontier = [whole]
     planned = {_inode(whole.folder)} if is_local(fs) else set()  # a folder reached twice is split once
     for _ in range(MAX_PLANNED_LEVELS):

@@ -663,8 +663,7 @@ def _batch_range(
         paths = paths.filter(pc.invert(pc.fill_null(inside, False)))
     if len(paths) == 0:
         return protocol, None, None
-    low, high = _least_greatest(paths)
-    return protocol, low, high
+    return (protocol, *_least_greatest(paths))
 
 
 def _strings(column: Any) -> Any:
