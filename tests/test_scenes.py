@@ -10,6 +10,7 @@ from PIL import Image
 
 import textseg
 from textseg.image import rasters
+from textseg.labels.vector_merge import vectors_uri
 from textseg.image.windows import Window
 from textseg.storage import filesystem_for
 
@@ -111,7 +112,7 @@ def test_vectors_of_a_windowed_geotiff_scene_are_merged_across_window_borders(tm
         vectors=True,
     )
     assert summary.ok == 1 and summary.polygons == 1
-    frame = geopandas.read_parquet(tmp_path / "out" / "vectors" / f"{summary.run_id}.parquet")
+    frame = geopandas.read_parquet(vectors_uri(str(tmp_path / "out"), summary.run_id))
     assert frame.crs.to_epsg() == 4326 and list(frame["class"]) == ["anything"]
     assert frame["area_m2"].iloc[0] == pytest.approx(115.0 * 75.0, rel=0.01)
     assert frame["source"].iloc[0] == "scene.tif"
@@ -146,7 +147,7 @@ def test_synth_xyz_pyramid_labeled_with_vectors_merges_polygons_across_tile_bord
         vectors=True,
     )
     assert summary.ok == 4 and summary.polygons == 1
-    frame = geopandas.read_parquet(tmp_path / "out" / "vectors" / f"{summary.run_id}.parquet")
+    frame = geopandas.read_parquet(vectors_uri(str(tmp_path / "out"), summary.run_id))
     tiles = [rasters.xyz_georef(12, x, y, 64, 64) for x in (2200, 2201) for y in (1343, 1344)]
     import shapely.geometry
 

@@ -64,7 +64,7 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         "--vectors",
         action="store_true",
         default=None,
-        help="also write polygons per class to DEST/vectors/<run_id>.parquet (GeoParquet, EPSG:4326) for "
+        help="also write polygons per class to DEST/vectors/run=<run_id>/ (GeoParquet, EPSG:4326) for "
         "georeferenced images (GeoTIFF, z/x/y tiles); pieces cut by tile or window borders are merged",
     )
     parser.add_argument(

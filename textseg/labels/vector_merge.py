@@ -62,6 +62,7 @@ summary is written; a retried merge rewrites the same names and removes any cell
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import posixpath
@@ -71,6 +72,8 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from textseg import storage
 from textseg.image.rasters import lazy_import
@@ -220,6 +223,7 @@ def merge_run_vectors(
     """
     job = _Merge(scratch_uri, dest, run_id, settings, dict(storage_options), grid or CellGrid())
     fs, root = storage.filesystem_for(scratch_uri, storage_options)
+    fs.invalidate_cache(root)
     staging = f"{root}/{CELL_STAGING}"
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
@@ -263,7 +267,7 @@ class _Merge:
     def stage_part(self, name: str) -> Staged:
         """Step 1: one piece file of the write or scene stage -> its level-0 cells."""
         fs, root = self._scratch()
-        records = read_geoparquet(fs, f"{root}/{VECTOR_PARTS}/{name}")
+        records = _read_records(fs, f"{root}/{VECTOR_PARTS}/{name}")
         return self._stage(fs, records, 0, posixpath.splitext(name)[0])
 
     def spread_big(self, item: tuple[int, str, tuple[Cell, ...]]) -> Staged:
@@ -271,7 +275,7 @@ class _Merge:
         there), and the pieces themselves one level up."""
         level, name, cells = item
         fs, root = self._scratch()
-        records = read_geoparquet(fs, f"{_level_dir(root, level)}/{BIG}/{name}.parquet")
+        records = _read_records(fs, f"{_level_dir(root, level)}/{BIG}/{name}.parquet")
         wanted = set(cells)
         by_cell: dict[Cell, list[dict[str, Any]]] = {}
         for record, box in zip(records, _bounds(records), strict=True):
@@ -280,9 +284,7 @@ class _Merge:
                 if cell[0] in columns and cell[1] in rows:
                     by_cell.setdefault(cell, []).append({**record, HOME: False})
         for cell, copies in sorted(by_cell.items()):
-            write_geoparquet(
-                copies, fs, f"{_level_dir(root, level)}/{cell_name(level, cell)}/b-{name}.parquet"
-            )
+            _write_staging(fs, f"{_level_dir(root, level)}/{cell_name(level, cell)}/b-{name}.parquet", copies)
         return self._stage(fs, records, level + 1, f"b-{name}")
 
     def merge_cell(self, item: tuple[int, Cell]) -> tuple[int, Staged]:
@@ -291,7 +293,8 @@ class _Merge:
         level, cell = item
         fs, root = self._scratch()
         folder = f"{_level_dir(root, level)}/{cell_name(level, cell)}"
-        records = [r for path in sorted(fs.glob(f"{folder}/*.parquet")) for r in read_geoparquet(fs, path)]
+        fs.invalidate_cache(folder)  # written by other workers: a cached listing (s3fs) would miss files
+        records = [r for path in sorted(fs.glob(f"{folder}/*.parquet")) for r in _read_records(fs, path)]
         owned, moving = self._split(records, level, cell)
         polygons = filter_by_area(merge_across_borders(owned), self.settings) if owned else []
         if polygons:
@@ -338,15 +341,55 @@ class _Merge:
             for cell in ((c, r) for c in columns for r in rows):
                 by_cell.setdefault(cell, []).append({**record, HOME: cell == home})
         for cell, staged in by_cell.items():
-            write_geoparquet(staged, fs, f"{root}/{cell_name(level, cell)}/{name}.parquet")
+            _write_staging(fs, f"{root}/{cell_name(level, cell)}/{name}.parquet", staged)
         parked: tuple[tuple[str, Bounds], ...] = ()
         if big:
-            write_geoparquet(big, fs, f"{root}/{BIG}/{name}.parquet")
+            _write_staging(fs, f"{root}/{BIG}/{name}.parquet", big)
             parked = ((name, _joint_bounds(_bounds(big))),)
         return Staged(level, frozenset(by_cell), parked)
 
     def _scratch(self) -> tuple[fsspec.AbstractFileSystem, str]:
         return storage.filesystem_for(self.scratch_uri, self.storage_options)
+
+
+# Staging files are plain Parquet with WKB geometry: the scratch area's own format, read and written many
+# times per piece, where GeoParquet's CRS metadata (parsed by pyproj on every read) costs ~30 ms a file.
+STAGING_SCHEMA = pa.schema(
+    [
+        ("class", pa.string()),
+        ("class_index", pa.int32()),
+        ("score", pa.float64()),
+        ("area_m2", pa.float64()),
+        ("source", pa.string()),
+        ("geometry", pa.binary()),
+        (HOME, pa.bool_()),
+    ]
+)
+
+
+def _write_staging(fs: fsspec.AbstractFileSystem, path: str, records: Sequence[dict[str, Any]]) -> None:
+    shapely = lazy_import("shapely")
+    columns: dict[str, list[Any]] = {name: [r[name] for r in records] for name in STAGING_SCHEMA.names}
+    columns["geometry"] = shapely.to_wkb(np.array(columns["geometry"], dtype=object)).tolist()
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns, schema=STAGING_SCHEMA), buffer)
+    storage.write_bytes_atomic(fs, path, buffer.getvalue())
+
+
+def _read_records(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """Records from a staging file or a piece file (GeoParquet with WKB geometry, as `write_geoparquet`
+    writes it; any other encoding goes through `read_geoparquet`). WKB keeps every coordinate bit."""
+    shapely = lazy_import("shapely")
+    table = pq.read_table(io.BytesIO(storage.read_bytes(fs, path)))
+    if not pa.types.is_binary(table.schema.field("geometry").type):
+        return read_geoparquet(fs, path)
+    records = table.drop_columns(["geometry"]).to_pylist()
+    geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    for record, geometry in zip(records, geometries.tolist(), strict=True):
+        score = record["score"]
+        record["score"] = None if score is None or score != score else float(score)
+        record["geometry"] = geometry
+    return records
 
 
 def _level_dir(scratch_root: str, level: int) -> str:
@@ -412,6 +455,7 @@ def _remove_unwritten_cells(
 ) -> None:
     """Drop the run's cell folders this merge did not write (left by an earlier attempt)."""
     fs, run_root = storage.filesystem_for(vectors_uri(dest, run_id), storage_options)
+    fs.invalidate_cache(run_root)
     if not fs.exists(run_root):
         return
     for path in fs.ls(run_root, detail=False):

@@ -50,6 +50,7 @@ CPU_TASK_BATCH = 16
 # Images per model call: a GPU keeps getting faster up to ~128; a CPU gains nothing past ~8.
 GPU_BATCH, CPU_BATCH = 64, 8
 SPREAD = {"scheduling_strategy": "SPREAD"}
+PART_WRITER = {"num_cpus": 0.25}  # a part write is I/O; less than the stages' 1 CPU keeps it unfused
 
 
 def connect(address: str | None) -> None:
@@ -149,7 +150,9 @@ def run_ray(plan: JobPlan) -> RunSummary:
             num_cpus=1,
             **SPREAD,
         )
-        dataset.write_datasink(sink)
+        # Not fused with the write stage: a fused stage would wait for a whole part's rows before
+        # writing a single mask; this way masks land as images finish, and parts as rows add up.
+        dataset.write_datasink(sink, ray_remote_args=PART_WRITER)
         manifests = manifest_uris(settings)
         if manifests:
             scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
