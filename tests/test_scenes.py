@@ -10,8 +10,8 @@ from PIL import Image
 
 import textseg
 from textseg.image import rasters
-from textseg.labels.vector_merge import vectors_uri
 from textseg.image.windows import Window
+from textseg.labels.vector_merge import vectors_uri
 from textseg.storage import filesystem_for
 
 PROMPTS = "red,green"

@@ -183,7 +183,7 @@ def test_any_grid_gives_the_polygons_of_the_single_process_merge(
 
 def test_each_call_runs_in_another_process(tmp_path: pathlib.Path) -> None:
     """Everything map_fn gets (the callables and their items) pickles, and the results travel back."""
-    tiles = _tile_pieces(_busy_mosaic(2))
+    tiles = _tile_pieces(_busy_mosaic(2, size=2 * TILE))
     _park(tmp_path / "scratch", tiles)
     grid = GRIDS["tiny-cells"]
     with ProcessPoolExecutor(max_workers=2) as pool:
