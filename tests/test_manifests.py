@@ -125,8 +125,8 @@ def test_a_listed_object_that_is_gone_fails_when_decoded_as_source_object_not_fo
         input_spec=InputSpec((8, 8)),
         max_pixels=10**8,
         window_plan=WindowPlan(None, 64),
-        class_names=("background", "thing"),
-        palette=(0, 0, 0, 255, 0, 0),
+        class_names=["background", "thing"],
+        palette=[0, 0, 0, 255, 0, 0],
         thresholds=(0.5,),
         score_kind="sigmoid",
         model_id="model",
@@ -547,7 +547,6 @@ def test_text_and_csv_manifests_on_s3_in_byte_shards(
     options = s3_server.storage_options
     for i in range(40):
         s3_server.put_object(s3_bucket, f"raw/{i % 2}/{i:03d}.png", b"p" * (i + 1))
-    s3_server.put_object(s3_bucket, "raw/nested/list.txt", b"placeholder")
     text = "".join(
         f"../{i % 2}/{i:03d}.png\n" if i % 2 else f"s3://{s3_bucket}/raw/{i % 2}/{i:03d}.png\n"
         for i in range(40)

@@ -156,7 +156,7 @@ GRIDS = {
 def test_any_grid_gives_the_polygons_of_the_single_process_merge(
     tmp_path: pathlib.Path, grid_name: str, seed: int
 ) -> None:
-    tiles = _tile_pieces(_busy_mosaic(seed))
+    tiles = _tile_pieces(_busy_mosaic(seed, size=3 * TILE))
     files = [tiles[i : i + 3] for i in range(0, len(tiles), 3)]  # batches of three tiles per part
     _park(tmp_path / "scratch", [[p for tile in batch for p in tile] for batch in files])
     pieces = [p for tile in tiles for p in tile]
@@ -175,7 +175,8 @@ def test_any_grid_gives_the_polygons_of_the_single_process_merge(
     assert count == len(frame) == len(expected) < len(pieces)
     assert _summary(frame.to_dict("records")) == _summary(expected)
     assert frame["geometry"].is_valid.all()
-    (river,) = [r for r in expected if r["class"] == "water" and r["source"].count("|") >= 6]
+    river = max(expected, key=lambda r: r["source"].count("|"))
+    assert river["class"] == "water" and river["source"].count("|") >= 3  # over four tiles or more
     assert any(g.equals(river["geometry"]) for g in frame["geometry"])  # not approximately: the same polygon
     if grid_name == "tiny-cells":  # pieces wider than 4 x 4 cells are parked and spread by themselves
         assert any(name == "spread_big" and n for name, n in calls)
@@ -221,7 +222,7 @@ def test_runs_add_partitions_and_the_directory_reads_as_one_table(tmp_path: path
 
 
 def test_a_retried_merge_rewrites_the_same_files(tmp_path: pathlib.Path) -> None:
-    tiles = _tile_pieces(_busy_mosaic(3))
+    tiles = _tile_pieces(_busy_mosaic(3, size=2 * TILE))
     _park(tmp_path / "scratch", tiles)
     grid = GRIDS["tile-cells"]
     run_dir = pathlib.Path(vectors_uri(str(tmp_path / "dest"), RUN))

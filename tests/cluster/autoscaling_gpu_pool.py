@@ -26,6 +26,7 @@ from typing import Any
 
 import ray
 from ray.cluster_utils import AutoscalingCluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 GPU_WORKERS = 2
 ROWS, BATCH = 120, 2  # 60 model batches
@@ -176,6 +177,12 @@ def scenario(workdir: pathlib.Path) -> dict[str, Any]:
                 nodes_used.add(str(node))
         alive = [n for n in ray.nodes() if n["Alive"]]
         gpu_workers = [n["NodeID"] for n in alive if n["Resources"].get("GPU", 0) > 0 and n["NodeID"] != head]
+        # The same reader off the head node (a driver elsewhere): it asks the head with a pinned task.
+        elsewhere = ray.get(
+            ray.remote(num_cpus=0)(_capacity_here)
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(gpu_workers[0], soft=False))
+            .remote()
+        )
         return {
             "capacity": {
                 "gpus_now": capacity.gpus_now,
@@ -191,6 +198,7 @@ def scenario(workdir: pathlib.Path) -> dict[str, Any]:
                 "initial_actors": pool.initial_actors,
                 "actor_resources": pool.actor_resources,
             },
+            "capacity_off_head": elsewhere,
             "strategy": [strategy.min_size, strategy.max_size, strategy.initial_size],
             "rows": rows,
             "actors": first_seen,
@@ -204,6 +212,18 @@ def scenario(workdir: pathlib.Path) -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _capacity_here() -> dict[str, Any]:
+    from textseg.plan.resources import cluster_capacity
+
+    capacity = cluster_capacity()
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "gpus_now": capacity.gpus_now,
+        "max_gpus": capacity.max_gpus,
+        "autoscaler": capacity.autoscaler,
+    }
 
 
 def _pids_in_session(session: int) -> list[int]:

@@ -72,6 +72,10 @@ def test_auto_plans_a_gpu_pool_from_the_autoscalers_node_types(result: dict) -> 
     assert capacity["max_gpus"] == scenario.GPU_WORKERS
     assert (pool["use_gpu"], pool["device"], pool["actor_resources"]) == (True, "cuda", {"num_gpus": 1})
     assert pool["max_actors"] >= 2 and pool["min_actors"] == 1
+    # Read from a GPU worker node instead of the head (a driver elsewhere), the answer is the same.
+    off_head = result["capacity_off_head"]
+    assert off_head["node"] != result["head"]
+    assert (off_head["autoscaler"], off_head["max_gpus"]) == ("known", scenario.GPU_WORKERS)
     assert result["strategy"] == [pool["min_actors"], pool["max_actors"], pool["initial_actors"]]
 
 

@@ -10,9 +10,8 @@ a process can be killed while it is provably in the middle of its work (the park
 names the process).
 
 - `processes`: the model actor is SIGKILLed while it is constructed (its process title ends in
-  `.__init__`), the restarted actor is SIGKILLed in the middle of a batch (decoding is fused into the
-  actor) while its GET of one image is parked, and a CPU task (`encode_and_write` + the metadata write) is
-  SIGKILLed while its PUT of one mask is parked.
+  `.__init__`), a decode task is SIGKILLed while its GET of one image is parked, and a write task
+  (`write_stage`) is SIGKILLed while its PUT of one mask is parked.
 - `node`: a worker node is removed (`cluster.remove_node`) while one of its tasks is parked the same way.
 
 Each scenario prints one line `RESULT {json}` (images, rows, lost, duplicated, errors, the faults made)
@@ -39,8 +38,9 @@ from tests.reliability.dataset import PROMPTS, Runs, lost_and_duplicated, mask_b
 from tests.reliability.faulty_s3 import FaultyS3Proxy, Rule
 
 IMAGES = 10
-ACTOR_TITLE = "ray::MapWorker(MapBatches(read_and_decode)->MapBatches(Labeler))"
-WRITE_TITLE = "ray::MapBatches(encode_and_write)"
+ACTOR_TITLE = "ray::MapWorker(MapBatches(Labeler))"
+DECODE_TITLE = "ray::MapBatches(decode_stage)"
+WRITE_TITLE = "ray::MapBatches(write_stage)"
 
 
 def config(source: str, dest: str, model_dir: str, storage_options: dict | None = None) -> Any:
@@ -80,8 +80,8 @@ def kill(pid: int) -> None:
 
 
 def scenario_processes(workdir: pathlib.Path, model_dir: str, images: dict[str, bytes], s3: dict) -> dict:
-    """The model actor killed while loading the model and again mid-batch (its GET of one image parked:
-    decoding is fused into the actor), then a CPU task killed mid-write (its PUT of one mask parked)."""
+    """The model actor killed while loading the model, a decode task killed mid-read (its GET of one image
+    parked), then a write task killed mid-write (its PUT of one mask parked)."""
     read_rule = Rule("GET", "^src/" + re.escape(sorted(images)[1]) + "$", "hold", times=1)
     write_rule = Rule("PUT", "/masks/" + re.escape(_mask_name(sorted(images)[3])) + "$", "hold", times=1)
 
@@ -91,9 +91,9 @@ def scenario_processes(workdir: pathlib.Path, model_dir: str, images: dict[str, 
         pid = _titled(ACTOR_TITLE + ".__init__")[0]
         kill(pid)
         done.append(f"actor pid {pid} killed in __init__")
-        # 2. The restarted actor killed in the middle of a batch.
-        _kill_parked(read_rule, ACTOR_TITLE, "actor", done)
-        # 3. A CPU task killed in the middle of writing a mask.
+        # 2. A decode task killed in the middle of reading an image.
+        _kill_parked(read_rule, DECODE_TITLE, "decode worker", done)
+        # 3. A write task killed in the middle of writing a mask.
         _kill_parked(write_rule, WRITE_TITLE, "CPU worker", done)
 
     return _s3_scenario(workdir, model_dir, images, s3, "processes", [read_rule, write_rule], inject)

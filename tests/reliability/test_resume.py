@@ -235,7 +235,7 @@ def test_runs_killed_at_any_point_are_finished_by_running_again(killed_and_resum
     assert watcher.reads >= IMAGES and not watcher.torn, watcher.torn
     hidden = [str(p.relative_to(dest)) for p in dest.rglob(".*")]
     assert not hidden, f"temporary files left after the completed resume: {hidden}"
-    assert sorted(p.name for p in dest.iterdir()) == ["masks", "metadata", "runs"]
+    assert sorted(p.name for p in dest.iterdir()) == ["masks", "metadata", "runs", "state"]
 
 
 def test_rerun_labels_only_new_changed_and_previously_failed_images(

@@ -79,17 +79,17 @@ def _check(cluster_results: dict, scenario: str, fault: str, ledger) -> dict:
     return result
 
 
-def test_killed_model_actor_and_cpu_worker_lose_and_duplicate_no_row(cluster_results: dict, ledger) -> None:
+def test_killed_model_actor_and_cpu_workers_lose_and_duplicate_no_row(cluster_results: dict, ledger) -> None:
     result = _check(
         cluster_results,
         "processes",
-        "Ray cluster: SIGKILL model actor (in __init__, mid-batch) + CPU worker (mid-write)",
+        "Ray cluster: SIGKILL model actor (in __init__) + decode task (mid-read) + write task (mid-write)",
         ledger,
     )
     assert len(result["faults"]) == 3
     assert "__init__" in result["faults"][0]
-    assert ".submit" in result["faults"][1] and "GET" in result["faults"][1]  # mid-batch, mid-read
-    assert "encode_and_write" in result["faults"][2] and "PUT" in result["faults"][2]
+    assert "decode_stage" in result["faults"][1] and "GET" in result["faults"][1]  # mid-read
+    assert "write_stage" in result["faults"][2] and "PUT" in result["faults"][2]
 
 
 def test_a_node_removed_mid_run_loses_and_duplicates_no_row(cluster_results: dict, ledger) -> None:

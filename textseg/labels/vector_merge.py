@@ -12,7 +12,7 @@ world. A piece's *home* at a level is the cell holding the centre of its boundin
 to its home and to every cell whose halo its bounding box reaches.
 
 1. One call per piece file (`map_fn`): stage its pieces to the level-0 cells, one staging file per cell
-   under the scratch area (`CELL_STAGING`).
+   under the scratch area (`CELL_STAGING`; plain Parquet with WKB geometry, which keeps every bit).
 2. One call per cell, level by level: group the cell's pieces into *clusters* (pieces of one class closer
    than `NEIGHBOUR_DEGREES`: every pair `merge_across_borders` could join, and a few more). A cluster is
    *complete* when its bounding box, grown by `MARGIN_DEGREES`, lies inside the cell and its halo, and
@@ -23,7 +23,7 @@ to its home and to every cell whose halo its bounding box reaches.
    the halo) has its pieces *homed here* staged to the next level, where cells and halos are `growth`
    times larger. The top level writes whatever reaches it.
 
-Why it is exact (every piece written once, inside the polygon a single-process merge would make):
+Why it is exact (every polygon the single-process merge makes is written once, and nothing else):
 
 - Complete means complete: a piece missing from the cell but able to join a cluster lies within
   NEIGHBOUR_DEGREES of it, so its bounding box reaches the halo and it was staged here; a cluster whose
@@ -45,8 +45,10 @@ nearby cluster complete), and moved up by itself, once. That keeps both argument
 
 Limits. A polygon larger than a level's halo is merged at a higher level, in one call with everything
 else of that larger cell that also moved up; one connected region over a continent (a road network of
-one class across every tile) ends at the top level, in one process. A piece is staged to up to
-(1 + 2 * halo_fraction)**2 (~1.6) cells on average at level 0. The driver holds cell ids only.
+one class across every tile) ends at the top level, in one process. A piece much smaller than a cell is
+staged to (1 + 2 * halo_fraction)**2 (~1.56) cells on average at level 0, 4 at most. The driver holds
+cell ids (and the names of parked files) only. Every file name is a function of the call's input, so a
+call that Ray retries rewrites the same files.
 
 What DEST/vectors/ holds: a hive-partitioned GeoParquet dataset, one partition per run
 (`run=<run_id>/cell=<cell>/part-0.parquet`), each run's partition the polygons of the images that run
@@ -54,10 +56,11 @@ labeled; nothing is ever deleted by a later run, so after an incremental re-run 
 images) every labeled image still has its polygons, in the partition of the run that labeled it. An image
 relabeled later (changed file, model or ontology) has polygons in the newer partition too: the current
 polygons of every image are, per `source`, those of the latest run (run ids sort by start time); a merged
-polygon's `source` names all its images ("a.png|b.png"). The whole directory reads as one table with the
-`run` and `cell` columns from the paths: `geopandas.read_parquet(DEST/vectors)` or
-`pyarrow.dataset.dataset(DEST/vectors, partitioning="hive")`. A run's partition is complete once its run
-summary is written; a retried merge rewrites the same names and removes any cell file it no longer makes.
+polygon's `source` names all its images ("a.png|b.png"), and is current when its run is the latest of
+each of them. The whole directory reads as one table, with `run` and `cell` columns from the paths:
+`geopandas.read_parquet(DEST/vectors)` or `pyarrow.dataset.dataset(DEST/vectors, partitioning="hive")`.
+A run's partition is complete once its run summary is written; a retried merge rewrites the same names
+and removes any cell file it no longer makes.
 """
 
 from __future__ import annotations

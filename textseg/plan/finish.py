@@ -10,9 +10,10 @@ import time
 
 from textseg import storage
 from textseg.errors import describe_exception
-from textseg.labels.vector_merge import merge_run_vectors
+from textseg.labels.vector_merge import VECTOR_PARTS, merge_run_vectors
 from textseg.outputs.metadata import Tally, run_started_at, summary_path
 from textseg.outputs.state import MapFn, compact, pending_runs
+from textseg.pipeline.settings import scratch_uri
 from textseg.plan.prepare import JobPlan
 from textseg.plan.summary import RunSummary, count_rows, decide_status
 from textseg.plan.work import ListingTally
@@ -26,13 +27,27 @@ ABANDONED_SCRATCH_AGE = dt.timedelta(hours=24)
 
 def merge_pending_runs(plan: JobPlan, map_fn: MapFn = map) -> None:
     """Before listing: merge runs that ended without merging (killed ones) into the state, so the skip
-    check sees their `ok` rows and a killed night is finished by running the same command again."""
-    pending = [r for r in pending_runs(plan.config.dest, plan.config.storage_options) if r != plan.run_id]
-    if pending:
-        started = time.perf_counter()
-        rows = compact(plan.config.dest, plan.config.storage_options, pending, map_fn)
-        plan.summary.timings_s["merge_pending_runs"] = round(time.perf_counter() - started, 3)
-        log.info("merged %d earlier run(s) into DEST's state (%d images)", len(pending), rows)
+    check sees their `ok` rows and a killed night is finished by running the same command again; their
+    polygons are merged and their scratch areas removed. One run at a time per DEST: a run still going
+    on would be taken for a killed one."""
+    config = plan.config
+    pending = [r for r in pending_runs(config.dest, config.storage_options) if r != plan.run_id]
+    if not pending:
+        return
+    started = time.perf_counter()
+    rows = compact(config.dest, config.storage_options, pending, map_fn)
+    log.info("merged %d earlier run(s) into DEST's state (%d images)", len(pending), rows)
+    for run_id in pending:
+        scratch = scratch_uri(config.dest, run_id)
+        fs, root = storage.filesystem_for(scratch, config.storage_options)
+        if plan.vector_settings is not None and fs.exists(f"{root}/{VECTOR_PARTS}"):
+            # Its images are skipped from now on, so its polygons must land now or never.
+            merge_run_vectors(
+                scratch, config.dest, run_id, plan.vector_settings, config.storage_options, map_fn
+            )
+        if fs.exists(root):
+            fs.rm(root, recursive=True)  # the killed run's scratch: everything in it is merged or redone
+    plan.summary.timings_s["merge_pending_runs"] = round(time.perf_counter() - started, 3)
 
 
 def finish(

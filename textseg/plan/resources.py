@@ -155,11 +155,12 @@ def map_batches_kwargs(pool: ModelPool) -> dict[str, Any]:
         min_size=pool.min_actors,
         max_size=pool.max_actors,
         # ray#59144: Ray Data grows an actor pool only within its resource budget, which is the cluster
-        # as it is now; a GPU pool started at 1 on a cluster with 0 or 1 GPU nodes stays at 1 (the
-        # budget has no GPU to spare, and no pending actor asks the autoscaler for one). Creating the
-        # whole pool at once makes every actor a pending GPU request that the v1 and v2 autoscalers
-        # launch GPU nodes for directly; the actors start as the nodes join, with no growth decision
-        # left to Ray Data. It also skips the actor-by-actor ramp-up on clusters that have the GPUs.
+        # as it is now; a GPU pool started at 1 on a cluster with 0 or 1 GPU nodes has no GPU to spare,
+        # so it stays at 1 until Ray Data's own cluster autoscaler asks for more nodes (in 2.60 one
+        # round per >= 10 s, and it sees only node types that already have a node). Creating the whole
+        # pool at once makes every actor a pending GPU request, which the Ray autoscaler answers with
+        # GPU nodes directly; the actors start as the nodes join, with no growth decision left to Ray
+        # Data. It also skips the actor-by-actor ramp-up on clusters that have the GPUs already.
         initial_size=pool.initial_actors,
         # Keep >= 2: a pool at 1 task per actor can never reach Ray Data's upscaling threshold (1.75),
         # whatever DataContext.max_tasks_in_flight_per_actor says.

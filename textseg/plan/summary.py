@@ -37,7 +37,7 @@ class RunSummary:
     top_errors: list[tuple[str, int]] = field(default_factory=list)
     error_examples: dict[str, str] = field(default_factory=dict)
     shards: int = 0  # listing shards SOURCE was split into
-    polygons: int | None = None  # with --vectors: polygons written to DEST/vectors/<run_id>.parquet
+    polygons: int | None = None  # with --vectors: polygons written to DEST/vectors/run=<run_id>/
     status: str = "running"
 
     @property

@@ -169,8 +169,9 @@ class Manifest:
     """What every shard of one manifest shares."""
 
     source: str  # the manifest as shown in messages (no credentials)
-    protocol: str  # the manifest's storage, rebuilt in the task from storage options
-    path: str
+    uri: str  # the manifest, without credentials: its filesystem is rebuilt in the task from storage options
+    protocol: str  # the manifest's storage: relative entries are on it
+    path: str  # the manifest on its filesystem
     format: str  # "text", "csv" or "parquet"
     columns: Columns | None = None  # None: a text manifest
     excluded: Excluded | None = None
@@ -183,7 +184,7 @@ class Manifest:
         return "line" if self.format == "text" else "row"
 
     def filesystem(self, storage_options: Mapping[str, Any] | None) -> fsspec.AbstractFileSystem:
-        return filesystem_for(f"{self.protocol}://{self.path}", storage_options)[0]
+        return filesystem_for(self.uri, storage_options)[0]
 
     def entries_filesystem(self, storage_options: Mapping[str, Any] | None) -> fsspec.AbstractFileSystem:
         return filesystem_for(f"{self.storage or self.protocol}://", storage_options)[0]
@@ -316,21 +317,21 @@ def plan_manifest_shards(
     """
     rows_per_shard = shard_rows or SHARD_ROWS
     bytes_per_shard = shard_bytes or SHARD_BYTES
-    protocol = protocol_name(fs)
     size = _size(fs, path, display)
     lowered = path.lower()
+
+    def manifest(kind: str) -> Manifest:
+        return Manifest(display, uri_for(fs, path), protocol_name(fs), path, kind, excluded=excluded)
+
     if lowered.endswith(".csv.gz"):
-        return _plan_gzip_csv(fs, Manifest(display, protocol, path, "csv", excluded=excluded), rows_per_shard)
+        return _plan_gzip_csv(fs, manifest("csv"), rows_per_shard)
     if lowered.endswith(".csv"):
-        csv_manifest = Manifest(display, protocol, path, "csv", excluded=excluded)
-        planned = _plan_csv(fs, csv_manifest, size, bytes_per_shard)
+        planned = _plan_csv(fs, manifest("csv"), size, bytes_per_shard)
         if planned is not None:
             return planned
     elif lowered.endswith(".parquet") or _head(fs, path, size, display) == PARQUET_MAGIC:
-        return _plan_parquet(
-            fs, Manifest(display, protocol, path, "parquet", excluded=excluded), rows_per_shard
-        )
-    return _plan_text(fs, Manifest(display, protocol, path, "text", excluded=excluded), size, bytes_per_shard)
+        return _plan_parquet(fs, manifest("parquet"), rows_per_shard)
+    return _plan_text(fs, manifest("text"), size, bytes_per_shard)
 
 
 class _Survey:
