@@ -158,15 +158,13 @@ def test_synth_xyz_pyramid_labeled_with_vectors_merges_polygons_across_tile_bord
     assert frame["source"].iloc[0].count("|") == 3  # the four tiles' pieces, merged
 
 
-def test_scratch_of_a_run_killed_over_a_day_ago_is_removed_and_a_recent_one_kept(tmp_path, tiny_clipseg_dir):
-    from textseg.outputs.metadata import new_run_id
-
+def test_scratch_of_runs_started_earlier_is_removed_and_a_later_one_kept(tmp_path, tiny_clipseg_dir):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(scene_pixels(40, 40)).save(tmp_path / "imgs" / "small.png")
     killed = tmp_path / "out" / "_work" / "20200101T000000Z-abcdef" / "scenes" / "k"
-    recent = tmp_path / "out" / "_work" / new_run_id() / "scenes" / "k"
-    for folder in (killed, recent):
+    later = tmp_path / "out" / "_work" / "29990101T000000Z-abcdef" / "scenes" / "k"
+    for folder in (killed, later):
         folder.mkdir(parents=True)
         (folder / "scene.json").write_text("{}")
     assert label(tmp_path / "imgs", tmp_path / "out", tiny_clipseg_dir).ok == 1
-    assert not killed.exists() and recent.exists()
+    assert not killed.exists() and later.exists()

@@ -20,10 +20,6 @@ from textseg.plan.work import ListingTally
 
 log = logging.getLogger(__name__)
 
-# A run's scratch area outlives it only when the run was killed; after this long it is certainly not a
-# concurrent run's any more (a nightly job restarts within a day), so a finishing run removes it.
-ABANDONED_SCRATCH_AGE = dt.timedelta(hours=24)
-
 
 def merge_pending_runs(plan: JobPlan, map_fn: MapFn = map) -> None:
     """Before listing: merge runs that ended without merging (killed ones) into the state, so the skip
@@ -98,16 +94,17 @@ def _secrets(plan: JobPlan) -> list[str]:
 
 
 def _remove_scratch(plan: JobPlan) -> None:
-    """Drop this run's scratch area, the areas of runs killed over a day ago, and the scratch folder
-    itself once empty (local disk)."""
+    """Drop this run's scratch area, those of runs that started before it (killed: one run at a time per
+    DEST, and their rows and polygons were merged when this run started), and the scratch folder itself
+    once empty (local disk)."""
     fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
     if fs.exists(root):
         fs.rm(root, recursive=True)
     parent = root.rsplit("/", 1)[0]
-    cutoff = dt.datetime.now(dt.timezone.utc) - ABANDONED_SCRATCH_AGE
+    mine = run_started_at(plan.run_id)
     for other in fs.ls(parent, detail=False) if fs.exists(parent) else []:
         started = run_started_at(other.rstrip("/").rsplit("/", 1)[-1])
-        if started is not None and started < cutoff:
+        if started is not None and mine is not None and started <= mine:
             fs.rm(other, recursive=True)
     if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
         fs.rmdir(parent)
