@@ -1,7 +1,7 @@
 """`textseg label` end to end through Ray Data, over a local folder and over an S3 protocol server.
 
 Masks are checked pixel by pixel against the reference: `CLIPSegForImageSegmentation.forward` on the
-processor's inputs (the usual Hugging Face recipe), then SPEC.md's formula.
+processor's inputs (the usual Hugging Face recipe), then the mask formula.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def make_image(relpath: str, seed: int) -> bytes:
 
 
 def reference_labels(model_dir: pathlib.Path, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC.md's labels from the usual HF recipe; also a mask of pixels too close to call (ties or
+    """The formula's labels from the usual HF recipe; also a mask of pixels too close to call (ties or
     scores within 1e-4 of the threshold), where float rounding may legitimately flip a label."""
     processor = CLIPSegProcessor.from_pretrained(model_dir)
     model = CLIPSegForImageSegmentation.from_pretrained(model_dir).eval()

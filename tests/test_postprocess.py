@@ -9,7 +9,7 @@ from textseg.outputs.metadata import class_statistics
 
 
 def spec_labels(logits: torch.Tensor, size: tuple[int, int], grouping: ClassGrouping) -> torch.Tensor:
-    """SPEC.md's formula written out literally, pixel by pixel over classes and prompts."""
+    """The mask formula written out literally, pixel by pixel over classes and prompts."""
     resized = [
         F.interpolate(prompt_logits[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
         for prompt_logits in logits

@@ -110,7 +110,7 @@ def test_unknown_protocol_fails_with_a_storage_error() -> None:
 def test_aws_endpoint_url_from_the_environment_is_honoured(
     s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SPEC.md's promise: an S3-compatible endpoint may come from AWS_ENDPOINT_URL alone (botocore 1.31+)."""
+    """Documented: an S3-compatible endpoint may come from AWS_ENDPOINT_URL alone (botocore 1.31+)."""
     for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)

@@ -29,13 +29,13 @@ class JobConfig:
     source: str
     dest: str
     prompts: str | None = None
-    ontology: str | None = None  # path or URI of an ontology YAML (SPEC.md); exclusive with prompts
-    # The published CLIPSeg checkpoint SPEC.md names as the default model.
+    ontology: str | None = None  # path or URI of an ontology YAML (README); exclusive with prompts
+    # The published CLIPSeg checkpoint the README names as the default model.
     model: str = "clipseg"
     # CLIPSeg's sigmoid scores sit around 0.3-0.6 on true regions; 0.4 is the SPEC default.
     threshold: float = 0.4
     device: Device = "auto"
-    # None: 64 images per model call on a GPU (PERF.md: throughput grows to ~128), 8 on a CPU.
+    # None: 64 images per model call on a GPU (measured on an H100: throughput grows to ~128), 8 on a CPU.
     batch_size: int | None = None
     # None: one model actor per GPU in the cluster, or one CPU actor when there is none.
     actors: int | None = None

@@ -1,7 +1,7 @@
 """Scores predicted class masks against ground-truth masks: per-class IoU and Dice, mIoU, pixel accuracy.
 
 `textseg eval PRED GT` compares two folders (local or any fsspec URL) of single-channel 8-bit PNG masks in
-SPEC.md's format: pixel value = class index, 0 background, 255 no-data. Masks are matched by relpath (the
+The mask format: pixel value = class index, 0 background, 255 no-data. Masks are matched by relpath (the
 case of the `.png` extension is ignored, so `a.PNG` in GT matches the `a.png` textseg writes).
 
 How pixels count:
@@ -283,7 +283,7 @@ def _read_pairs(
     """(GT relpath, GT labels, prediction labels or None when missing), in GT order.
 
     Files are fetched with `cat_file` on a thread pool, one batch ahead of decoding: fsspec's batch `cat`
-    would treat `[`, `*` and `?` in file names as glob patterns, and SPEC.md keeps any file name.
+    would treat `[`, `*` and `?` in file names as glob patterns, and relpaths keep any file name.
     """
     keys = list(gt_masks)
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:

@@ -1,6 +1,6 @@
 """Classes -> prompts, thresholds and colours, and the ontology's stable hash.
 
-Class indices are 1, 2, 3 ... in file order; 0 is background and 255 is no-data (SPEC.md).
+Class indices are 1, 2, 3 ... in file order; 0 is background and 255 is no-data.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Ontology:
         return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML form of SPEC.md, round-trippable through `from_mapping`."""
+        """The ontology YAML form (README), round-trippable through `from_mapping`."""
         return {
             "classes": {
                 c.name: {"prompts": list(c.prompts), "threshold": c.threshold, "color": _hex(c.color)}
@@ -101,7 +101,7 @@ def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
 
 
 def from_mapping(mapping: Mapping[str, Any], default_threshold: float) -> Ontology:
-    """Build an ontology from SPEC.md's YAML structure (`classes: {name: {prompts, threshold, color}}`)."""
+    """Build an ontology from the ontology YAML structure (`classes: {name: {prompts, threshold, color}}`)."""
     classes_in = mapping.get("classes") if isinstance(mapping, Mapping) else None
     if not isinstance(classes_in, Mapping) or not classes_in:
         raise OntologyError("an ontology needs a non-empty 'classes:' mapping of class name -> settings")

@@ -1,9 +1,9 @@
 """Image file bytes -> the image as a viewer shows it (RGB, EXIF orientation applied), or the reason why not.
 
-This is the only place textseg turns untrusted bytes into pixels, so it owns three promises of SPEC.md: a bad
+This is the only place textseg turns untrusted bytes into pixels, so it owns three promises: a bad
 file becomes a per-image `error` row (never a crashed batch), every supported pixel layout becomes the RGB a
 viewer would show, and a decompression bomb is refused before its pixels are decoded. It never imports torch
-or transformers: CPU decode tasks must start fast (LAYOUT.md).
+or transformers: CPU decode tasks must start fast.
 
 What a decoded image is
 -----------------------

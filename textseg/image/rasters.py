@@ -65,7 +65,7 @@ WGS84 = "EPSG:4326"
 WEB_MERCATOR_HALF_EXTENT = math.pi * 6378137.0
 MAX_XYZ_ZOOM = 30  # tiles at z=30 are ~4 cm; deeper numbers in a path are not a tile scheme
 
-MASK_NODATA = 255  # SPEC.md: 255 is no-data in every mask
+MASK_NODATA = 255  # 255 is no-data in every mask
 # GeoTIFF tile sizes must be multiples of 16 (TIFF 6.0); 512 balances compression and partial reads.
 DEFAULT_BLOCK_SIZE = 512
 GEOTIFF_COMPRESS = "deflate"  # lossless and universally readable (GDAL, QGIS, ArcGIS, browsers' geotiff.js)

@@ -1,7 +1,7 @@
 """Scores -> labels at full image size, on the model's device; per-class pixel fractions and mean scores.
 
-This runs inside the model actor (PERF.md: upsampling K score maps belongs on the GPU, and only uint8
-labels plus a few per-class sums should travel to the CPU). It implements SPEC.md's mask semantics once
+This runs inside the model actor (on an H100: upsampling K score maps belongs on the GPU, and only uint8
+labels plus a few per-class sums should travel to the CPU). It implements the mask semantics (README) once
 for every backend:
 
 - sigmoid backends: score_k(x) = max over class k's prompts of sigmoid(logit(x)), logits resized bilinear
@@ -103,5 +103,5 @@ def label_image(
     score_kind: ScoreKind,
     nodata: torch.Tensor | None = None,
 ) -> LabelResult:
-    """One image's model logits -> its full-size labels (SPEC.md mask semantics). size is (H, W)."""
+    """One image's model logits -> its full-size labels (the README's mask semantics). size is (H, W)."""
     return labels_from_scores(class_scores(logits, size, grouping, score_kind), grouping, score_kind, nodata)

@@ -172,7 +172,7 @@ class ClipSegBackend(SegmentationBackend):
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 weights on CUDA (about 20% faster than autocast, see PERF.md); fp32 elsewhere for exactness."""
+    """bf16 weights on CUDA (about 20% faster than autocast on an H100); fp32 elsewhere for exactness."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -183,7 +183,7 @@ def load_clipseg(
     `save_pretrained` directory holding the model, its tokenizer and its image processor config).
 
     Safetensors only and no remote code: a checkpoint is data, never something we execute. Attention
-    uses PyTorch SDPA (2.2x faster than the eager kernel on an H100, PERF.md).
+    uses PyTorch SDPA (2.2x faster than the eager kernel on an H100).
     """
     model = CLIPSegForImageSegmentation.from_pretrained(
         name_or_path,

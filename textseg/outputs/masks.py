@@ -1,4 +1,4 @@
-"""Labels -> mask file bytes: a single-channel 8-bit palette PNG (SPEC.md), pixel value = class index."""
+"""Labels -> mask file bytes: a single-channel 8-bit palette PNG, pixel value = class index."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-# PNG level 1 is 2.7x faster to encode than the default for 1.7x the bytes (PERF.md): right for masks.
+# PNG level 1 is 2.7x faster to encode than the default for 1.7x the bytes: right for masks.
 PNG_COMPRESS_LEVEL = 1
 
 

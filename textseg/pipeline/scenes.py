@@ -1,7 +1,7 @@
 """Windows of a large scene -> one mask: the scratch layout and the assembly of a scene.
 
 The windows of a scene are scored independently by the model actors (as uint8-quantized class scores,
-PERF.md) and parked under `DEST/_work/<run_id>/scenes/<key>/` by the write tasks, next to the scene's
+on an H100) and parked under `DEST/_work/<run_id>/scenes/<key>/` by the write tasks, next to the scene's
 manifest, which the decode task wrote after it had read every window. Once the streaming pass is done,
 one assembly task per scene blends the windows block by block (`textseg.image.windows.blend`, feathered: no
 seams), turns the blended scores into labels (`textseg.labels.postprocess`, the same rule as whole images),

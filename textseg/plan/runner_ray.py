@@ -191,7 +191,7 @@ def _job_error_in(err: BaseException) -> JobError | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, JobError):
-            return JobError(str(current).split("\n")[0]) if "\n" in str(current) else current
+            return JobError(str(current).split("\n", 1)[0])
         cause = getattr(current, "cause", None)
         if isinstance(cause, BaseException) and isinstance(cause, JobError):
             return cause
