@@ -10,6 +10,15 @@ import pytest
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures used by other test modules
 from tests.tiny_models import make_tiny_clipseg
 
+SLOW_FOLDERS = ("reliability", "cluster")  # fault and cluster tests: each starts Ray clusters of its own
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the fault and cluster tests `slow`, so `pytest -m "not slow"` runs the quick rest apart."""
+    for item in items:
+        if pathlib.Path(str(item.fspath)).parent.name in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_clipseg_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:

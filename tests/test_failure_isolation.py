@@ -123,3 +123,53 @@ def test_a_model_that_cannot_load_in_the_actors_ends_the_run_with_exit_2(
     (summary_path,) = (dest / "runs").glob("*.json")
     summary = json.loads(summary_path.read_text())
     assert summary["status"].startswith("failed: ") and "cannot be loaded" in summary["status"]
+
+
+class _Died(BaseException):
+    """Stands in for a worker process that dies: nothing in the stage can catch it."""
+
+
+class _Ledger:
+    """The crash ledger's contract in memory (textseg.plan.crash_ledger keeps it in a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def batch_retried(self, key: str) -> bool:
+        return self.begin(key) > 0
+
+    def batch_done(self, key: str) -> None:
+        self.end(key)
+
+    def begin(self, key: str) -> int:
+        earlier = self.open.get(key, 0)
+        self.open[key] = earlier + 1
+        return earlier
+
+    def end(self, key: str) -> None:
+        self.open.pop(key, None)
+
+
+def test_an_image_that_kills_its_worker_twice_becomes_an_error_row() -> None:
+    seen: list[list[str]] = []
+
+    def stage(batch: dict) -> dict:
+        seen.append(list(batch["relpath"]))
+        if any(r == "bad" and not e for r, e in zip(batch["relpath"], batch["error"], strict=True)):
+            raise _Died
+        return batch
+
+    ledger = _Ledger()
+    for _attempt in range(2):  # the batch dies, then its retry dies on `bad` alone
+        with pytest.raises(_Died):
+            isolate(stage, _batch(["a", "bad", "c"]), "decoding", {}, ledger)
+    out = isolate(stage, _batch(["a", "bad", "c"]), "decoding", {}, ledger)
+    assert seen == [["a", "bad", "c"], ["a"], ["bad"], ["a"], ["bad"], ["c"]]
+    assert list(out["relpath"]) == ["a", "bad", "c"]
+    assert list(out["error"]) == [
+        "",
+        "decoding failed: WorkerDied: the worker process died with this image in its batch, and again "
+        "with the image alone",
+        "",
+    ]
+    assert ledger.open == {}, "every mark of a batch or image that came through is ended"

@@ -5,13 +5,19 @@ A stage is a function of a batch. Every stage passes a row whose `error` is non-
 so `isolate` can always fall back to handing a failed image on as an error row: a stage that raises on a
 batch is retried image by image, and an image that still raises continues with the reason in `error`.
 Only `JobError` (a problem every image would hit) escapes.
+
+Some images do not raise: they kill the process that handles them (a decoder that segfaults, a model
+that exhausts host memory, a CUDA fault that aborts). Ray retries such a task without limit, so with a
+`CrashLedger` a retried task goes image by image, marking each image in flight before it starts; an
+image that was in flight when the process died again becomes an error row instead of a third death.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +39,27 @@ _NUMERIC_COLUMNS: Mapping[str, tuple[Any, tuple[int, ...]]] = {
     "windowed": (bool, ()),
     "elapsed_ms": (np.float64, ()),
 }
+
+
+class CrashLedger(Protocol):
+    """Where a stage marks work in flight, so that the retry of work whose worker process died can tell
+    which image was in flight when it died (`textseg.plan.crash_ledger` keeps it in a Ray actor)."""
+
+    def batch_retried(self, key: str) -> bool:
+        """The batch `key` starts: whether an earlier attempt at it died."""
+        ...
+
+    def batch_done(self, key: str) -> None:
+        """The batch `key` came through."""
+        ...
+
+    def begin(self, key: str) -> int:
+        """Mark the image `key` in flight; how many earlier marks of it were never ended."""
+        ...
+
+    def end(self, key: str) -> None:
+        """The image `key` came through."""
+        ...
 
 
 def to_batch(columns: Mapping[str, Sequence[Any]]) -> Batch:
@@ -73,13 +100,32 @@ def concat(parts: Sequence[StageOutput]) -> StageOutput:
 
 
 def isolate(
-    stage: Callable[[Batch], StageOutput], batch: Batch, what: str, storage_options: Mapping[str, Any]
+    stage: Callable[[Batch], StageOutput],
+    batch: Batch,
+    what: str,
+    storage_options: Mapping[str, Any],
+    crashes: CrashLedger | None = None,
 ) -> StageOutput:
     """`stage(batch)`, or, when it raises, the stage applied image by image with failures as error rows.
 
     `what` names the stage in reasons ("the model stage failed: RuntimeError: ..."). Secrets from
-    `storage_options` are redacted from every reason.
+    `storage_options` are redacted from every reason. With `crashes`, a retried task's batch goes image
+    by image under the ledger's watch (see the module's docstring).
     """
+    if crashes is None:
+        return _isolated(stage, batch, what, storage_options)
+    key = f"{what}/" + hashlib.sha1("\n".join(_row_keys(batch)).encode()).hexdigest()
+    if crashes.batch_retried(key):
+        out = _watched_one_by_one(stage, batch, what, storage_options, crashes)
+    else:
+        out = _isolated(stage, batch, what, storage_options)
+    crashes.batch_done(key)
+    return out
+
+
+def _isolated(
+    stage: Callable[[Batch], StageOutput], batch: Batch, what: str, storage_options: Mapping[str, Any]
+) -> StageOutput:
     try:
         return stage(batch)
     except JobError:
@@ -98,6 +144,37 @@ def isolate(
         except Exception as err:  # noqa: BLE001 - this image's error row
             parts.append(_as_error(stage, one, what, err, storage_options))
     return concat(parts)
+
+
+def _watched_one_by_one(
+    stage: Callable[[Batch], StageOutput],
+    batch: Batch,
+    what: str,
+    storage_options: Mapping[str, Any],
+    crashes: CrashLedger,
+) -> StageOutput:
+    parts: list[StageOutput] = []
+    for i, row_key in enumerate(_row_keys(batch)):
+        one, key = take(batch, [i]), f"{what}/{row_key}"
+        if crashes.begin(key):
+            parts.append(_as_error(stage, one, what, WorkerDied(), storage_options))
+        else:
+            parts.append(_isolated(stage, one, what, storage_options))
+        crashes.end(key)
+    return concat(parts)
+
+
+class WorkerDied(Exception):
+    """The reason of an image that killed its worker process twice."""
+
+    def __str__(self) -> str:
+        return "the worker process died with this image in its batch, and again with the image alone"
+
+
+def _row_keys(batch: Batch) -> list[str]:
+    """Each row's name within its run: relpath, and the window of a scene's piece."""
+    windows = batch["window"].tolist() if "window" in batch else [""] * batch_len(batch)
+    return [f"{relpath}@{window}" for relpath, window in zip(batch["relpath"], windows, strict=True)]
 
 
 def _as_error(

@@ -31,7 +31,9 @@ NO_TRANSFORM = (0.0,) * 6
 
 def decode_stage(batch: Batch, settings: StageSettings) -> Batch:
     """The decode stage as the plans call it: `read_and_decode`, isolated per image."""
-    return isolate(lambda b: read_and_decode(b, settings), batch, "decoding", settings.storage_options)
+    return isolate(
+        lambda b: read_and_decode(b, settings), batch, "decoding", settings.storage_options, settings.crashes
+    )
 
 
 def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:

@@ -7,9 +7,10 @@ of a large scene leaves as uint8-quantized class scores instead, because its nei
 blended with it before labels can be decided (`textseg.pipeline.scenes`).
 
 A batch the model raises on is retried image by image (`textseg.pipeline.batches.isolate`): what still
-fails becomes that image's error row. Two failures are the job's, not an image's, and raise `JobError`:
-the model cannot be loaded in the actor, and CUDA runs out of memory before any batch has succeeded
-(every batch would; a smaller --batch-size is the fix).
+fails becomes that image's error row, and so does an image that kills the actor's process twice. Two
+failures are the job's, not an image's, and raise `JobError`: the model cannot be loaded in the actor,
+and CUDA runs out of memory before any batch has succeeded (every batch would; a smaller --batch-size
+is the fix).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from textseg.image.windows import SCORE_LEVELS
 from textseg.labels.postprocess import ClassGrouping, class_scores, labels_from_scores
 from textseg.models import ModelRef, load_model, resolve_device
 from textseg.ontology import Ontology
-from textseg.pipeline.batches import Batch, isolate, unpack_nodata
+from textseg.pipeline.batches import Batch, CrashLedger, isolate, unpack_nodata
 
 
 class Labeler:
@@ -37,8 +38,11 @@ class Labeler:
         device: str = "auto",
         batch_size: int = 8,
         keep_scores: bool = False,
+        crashes: CrashLedger | None = None,
     ):
-        """keep_scores: also ship whole images' quantized class scores (vectors need per-polygon scores)."""
+        """keep_scores: also ship whole images' quantized class scores (vectors need per-polygon scores);
+        crashes: where a restarted actor learns which image killed it (`isolate`)."""
+        self.crashes = crashes
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
         self.keep_scores = keep_scores
@@ -57,7 +61,7 @@ class Labeler:
 
     def __call__(self, batch: Batch) -> Batch:
         """`label` isolated per image; see `label` for the columns."""
-        return isolate(self._label_checked, batch, "the model stage", {})
+        return isolate(self._label_checked, batch, "the model stage", {}, self.crashes)
 
     def _label_checked(self, batch: Batch) -> Batch:
         try:

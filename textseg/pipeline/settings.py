@@ -16,6 +16,7 @@ from textseg.image.pieces import WindowPlan
 from textseg.labels.vectors import VectorSettings
 from textseg.models import ScoreKind
 from textseg.models.input_spec import InputSpec
+from textseg.pipeline.batches import CrashLedger
 
 SCRATCH_DIR = "_work"  # DEST/_work/<run_id>: a run's scene windows and polygon pieces, removed when it ends
 
@@ -39,6 +40,7 @@ class StageSettings:
     ontology_hash: str
     vectors: VectorSettings | None  # None: no polygons; pieces are never area-filtered (merged first)
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
+    crashes: CrashLedger | None = None  # set by a runner whose workers can die (textseg.plan.runner_ray)
 
     @property
     def scratch_uri(self) -> str:

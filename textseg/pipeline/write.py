@@ -30,7 +30,9 @@ from textseg.pipeline.settings import StageSettings
 
 def write_stage(batch: Batch, settings: StageSettings) -> pa.Table:
     """The write stage as the plans call it: `encode_and_write`, isolated per image."""
-    return isolate(lambda b: encode_and_write(b, settings), batch, "writing", settings.storage_options)
+    return isolate(
+        lambda b: encode_and_write(b, settings), batch, "writing", settings.storage_options, settings.crashes
+    )
 
 
 def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:

@@ -10,13 +10,15 @@
 The driver holds the plan (shards, the state's file list) and tallies, never a row per image. Rows carry
 compressed-image URIs into the decode tasks and uint8 pixels out of them, so decoded images never cross
 the object store; actors ship uint8 labels, never float scores. Ray retries failed tasks and restarts dead
-actors; every write is idempotent (masks are rewritten atomically under the same name, part files are
+actors (an image that kills its worker twice becomes an error row: textseg.plan.crash_ledger); every
+write is idempotent (masks are rewritten atomically under the same name, part files are
 named by write task), so a retried task never duplicates a row. A stage that raises on a batch retries
 it image by image (textseg.pipeline.batches); a `JobError` from any stage ends the run at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +38,7 @@ from textseg.pipeline.decode import decode_stage
 from textseg.pipeline.label import Labeler
 from textseg.pipeline.scenes import assemble_batch, manifest_uris
 from textseg.pipeline.write import write_stage
+from textseg.plan.crash_ledger import RayCrashLedger
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
 from textseg.plan.resources import cluster_capacity, map_batches_kwargs, plan_model_pool
@@ -109,7 +112,9 @@ def run_ray(plan: JobPlan) -> RunSummary:
     pool = plan_model_pool(config.device, config.actors, cluster_capacity())
     merge_pending_runs(plan, ray_map)
     index = DoneIndex.load(config.dest, config.storage_options)
-    settings = plan.stage_settings
+    # Kept for the run's length: the ledger actor lives as long as this handle.
+    crashes, _ledger_actor = RayCrashLedger.start(plan.run_id)
+    settings = dataclasses.replace(plan.stage_settings, crashes=crashes)
     context = DataContext.get_current()
     context.enable_progress_bars = True
     sink = MetadataDatasink(plan.metadata_uri, config.storage_options)
@@ -136,6 +141,7 @@ def run_ray(plan: JobPlan) -> RunSummary:
                 "device": pool.device,
                 "batch_size": batch_size,
                 "keep_scores": config.vectors,
+                "crashes": crashes,
             },
             batch_size=batch_size,
             batch_format="numpy",
