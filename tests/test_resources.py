@@ -20,6 +20,7 @@ from textseg.plan.resources import (
     map_batches_kwargs,
     node_types_from_config,
     plan_model_pool,
+    write_task_kwargs,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -147,6 +148,17 @@ def test_map_batches_kwargs_start_the_whole_pool() -> None:
     assert isinstance(strategy, ActorPoolStrategy)
     assert (strategy.min_size, strategy.max_size, strategy.initial_size) == (1, 3, 3)
     assert strategy.max_tasks_in_flight_per_actor == 2
+
+
+def test_write_tasks_reserve_no_cpu_and_are_capped_at_the_reachable_cpus() -> None:
+    from ray.data import TaskPoolStrategy
+
+    cpu_type = NodeType("cpu", {"CPU": 8}, 4)
+    capacity = capacity_from([node(2, head=True)], [cpu_type], autoscaler="known")
+    kwargs = write_task_kwargs(capacity)
+    strategy = kwargs.pop("compute")
+    assert kwargs == {"num_cpus": 0}
+    assert isinstance(strategy, TaskPoolStrategy) and strategy.size == 2 + 8 * 4
 
 
 def test_node_types_from_config_fills_the_autoscaler_defaults() -> None:

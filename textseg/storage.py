@@ -390,6 +390,45 @@ def call_with_retry(
 # Reads and writes
 
 
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` exists, with transient errors retried."""
+    return call_with_retry(lambda: fs.exists(path), f"look up '{uri_for(fs, path)}'")
+
+
+def glob(fs: fsspec.AbstractFileSystem, pattern: str) -> list[str]:
+    """Sorted paths matching `pattern`, listed afresh (other workers write them: a cached listing, as
+    s3fs keeps, would miss files), with transient errors retried."""
+    folder = pattern.split("*", 1)[0].rsplit("/", 1)[0]
+
+    def listed() -> list[str]:
+        fs.invalidate_cache(folder)
+        return sorted(fs.glob(pattern))
+
+    return call_with_retry(listed, f"list '{uri_for(fs, pattern)}'")
+
+
+def names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """Sorted names of what `folder` holds (none when it does not exist), listed afresh, retried."""
+
+    def listed() -> list[str]:
+        fs.invalidate_cache(folder)
+        if not fs.exists(folder):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+
+    return call_with_retry(listed, f"list '{uri_for(fs, folder)}'")
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """`path` and everything under it, if it exists, with transient errors retried."""
+
+    def removed() -> None:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    call_with_retry(removed, f"remove '{uri_for(fs, path)}'")
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The whole object at `path`, with transient errors retried."""
     return call_with_retry(lambda: fs.cat_file(path), f"read '{uri_for(fs, path)}'")

@@ -226,11 +226,8 @@ def merge_run_vectors(
     """
     job = _Merge(scratch_uri, dest, run_id, settings, dict(storage_options), grid or CellGrid())
     fs, root = storage.filesystem_for(scratch_uri, storage_options)
-    fs.invalidate_cache(root)
-    staging = f"{root}/{CELL_STAGING}"
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-    parts = sorted(posixpath.basename(p) for p in fs.glob(f"{root}/{VECTOR_PARTS}/*.parquet"))
+    storage.remove(fs, f"{root}/{CELL_STAGING}")
+    parts = [posixpath.basename(p) for p in storage.glob(fs, f"{root}/{VECTOR_PARTS}/*.parquet")]
     staged = Staged.union(0, map_fn(job.stage_part, parts))
     written: set[str] = set()
     polygons = 0
@@ -296,8 +293,7 @@ class _Merge:
         level, cell = item
         fs, root = self._scratch()
         folder = f"{_level_dir(root, level)}/{cell_name(level, cell)}"
-        fs.invalidate_cache(folder)  # written by other workers: a cached listing (s3fs) would miss files
-        records = [r for path in sorted(fs.glob(f"{folder}/*.parquet")) for r in _read_records(fs, path)]
+        records = [r for path in storage.glob(fs, f"{folder}/*.parquet") for r in _read_records(fs, path)]
         owned, moving = self._split(records, level, cell)
         polygons = filter_by_area(merge_across_borders(owned), self.settings) if owned else []
         if polygons:
@@ -458,10 +454,6 @@ def _remove_unwritten_cells(
 ) -> None:
     """Drop the run's cell folders this merge did not write (left by an earlier attempt)."""
     fs, run_root = storage.filesystem_for(vectors_uri(dest, run_id), storage_options)
-    fs.invalidate_cache(run_root)
-    if not fs.exists(run_root):
-        return
-    for path in fs.ls(run_root, detail=False):
-        name = posixpath.basename(path.rstrip("/"))
+    for name in storage.names(fs, run_root):
         if name.startswith("cell=") and name.removeprefix("cell=") not in written:
-            fs.rm(path, recursive=True)
+            storage.remove(fs, f"{run_root}/{name}")

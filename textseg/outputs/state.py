@@ -158,8 +158,8 @@ def pending_runs(dest: str, storage_options: Mapping[str, Any]) -> list[str]:
     """Runs whose metadata is not merged into the view yet (killed runs, or a DEST from before the view
     existed), oldest first. Lists run names only: two listings of O(runs) names."""
     fs, root = storage.filesystem_for(dest, storage_options)
-    with_metadata = _names(fs, storage.join_uri(root, "metadata"))
-    merged = set(_names(fs, storage.join_uri(root, MERGED_DIR)))
+    with_metadata = storage.names(fs, storage.join_uri(root, "metadata"))
+    merged = set(storage.names(fs, storage.join_uri(root, MERGED_DIR)))
     return sorted(r for r in with_metadata if r not in merged)
 
 
@@ -177,7 +177,7 @@ def compact(
     parts = [
         storage.uri_for(fs, p)
         for run_id in run_ids
-        for p in sorted(fs.glob(storage.join_uri(root, f"metadata/{run_id}/*.parquet")))
+        for p in storage.glob(fs, storage.join_uri(root, f"metadata/{run_id}/*.parquet"))
     ]
     if not parts:  # runs that attempted nothing: the view stays as it is
         _mark_merged(fs, root, run_ids)
@@ -283,19 +283,10 @@ def latest_per_relpath(table: pa.Table) -> pa.Table:
 def _remove_old_versions(fs: fsspec.AbstractFileSystem, root: str, version: str) -> None:
     """Views and staging areas of other versions: superseded ones, or leftovers of killed compactions."""
     state = storage.join_uri(root, STATE_DIR)
-    for name in _names(fs, state):
+    for name in storage.names(fs, state):
         if name.startswith("view-") and name != f"view-{version}":
-            fs.rm(storage.join_uri(state, name), recursive=True)
-    staging = storage.join_uri(root, STAGING_DIR)
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-
-
-def _names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    if not fs.exists(folder):
-        return []
-    fs.invalidate_cache(folder)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+            storage.remove(fs, storage.join_uri(state, name))
+    storage.remove(fs, storage.join_uri(root, STAGING_DIR))
 
 
 def _write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:

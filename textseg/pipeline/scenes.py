@@ -99,7 +99,7 @@ def write_window_error(fs: fsspec.AbstractFileSystem, scene_dir: str, window: Wi
 def manifest_uris(settings: StageSettings) -> list[str]:
     """The scenes this run windowed (their manifests), found in the scratch area."""
     fs, root = storage.filesystem_for(settings.scratch_uri, settings.storage_options)
-    return sorted(storage.uri_for(fs, p) for p in fs.glob(f"{root}/scenes/*/{MANIFEST}"))
+    return [storage.uri_for(fs, p) for p in storage.glob(fs, f"{root}/scenes/*/{MANIFEST}")]
 
 
 def assemble_batch(batch: dict[str, np.ndarray], settings: StageSettings) -> pa.Table:
@@ -154,10 +154,10 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
 def _first_window_error(fs: fsspec.AbstractFileSystem, scene_dir: str, windows: list[Window]) -> str | None:
     for window in windows:
         path = window_result_path(scene_dir, window)
-        if fs.exists(path.removesuffix(".npz") + ".error"):
+        if storage.exists(fs, path.removesuffix(".npz") + ".error"):
             reason = storage.read_bytes(fs, path.removesuffix(".npz") + ".error").decode()
             return f"window at x={window.x0}, y={window.y0}: {reason}"
-        if not fs.exists(path):
+        if not storage.exists(fs, path):
             return f"window at x={window.x0}, y={window.y0} has no result (its task was lost)"
     return None
 

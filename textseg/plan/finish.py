@@ -36,13 +36,12 @@ def merge_pending_runs(plan: JobPlan, map_fn: MapFn = map) -> None:
     for run_id in pending:
         scratch = scratch_uri(config.dest, run_id)
         fs, root = storage.filesystem_for(scratch, config.storage_options)
-        if plan.vector_settings is not None and fs.exists(f"{root}/{VECTOR_PARTS}"):
+        if plan.vector_settings is not None and storage.exists(fs, f"{root}/{VECTOR_PARTS}"):
             # Its images are skipped from now on, so its polygons must land now or never.
             merge_run_vectors(
                 scratch, config.dest, run_id, plan.vector_settings, config.storage_options, map_fn
             )
-        if fs.exists(root):
-            fs.rm(root, recursive=True)  # the killed run's scratch: everything in it is merged or redone
+        storage.remove(fs, root)  # the killed run's scratch: everything in it is merged or redone
     plan.summary.timings_s["merge_pending_runs"] = round(time.perf_counter() - started, 3)
 
 
@@ -98,13 +97,12 @@ def _remove_scratch(plan: JobPlan) -> None:
     DEST, and their rows and polygons were merged when this run started), and the scratch folder itself
     once empty (local disk)."""
     fs, root = storage.filesystem_for(plan.scratch_uri, plan.config.storage_options)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    storage.remove(fs, root)
     parent = root.rsplit("/", 1)[0]
     mine = run_started_at(plan.run_id)
-    for other in fs.ls(parent, detail=False) if fs.exists(parent) else []:
-        started = run_started_at(other.rstrip("/").rsplit("/", 1)[-1])
+    for other in storage.names(fs, parent):
+        started = run_started_at(other)
         if started is not None and mine is not None and started <= mine:
-            fs.rm(other, recursive=True)
+            storage.remove(fs, f"{parent}/{other}")
     if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
         fs.rmdir(parent)

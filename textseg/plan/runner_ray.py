@@ -4,7 +4,7 @@
                                          state says is done, streams work rows (textseg.plan.work)
     -> decode_stage      CPU tasks: compressed bytes in, model-size uint8 pixels out
     -> Labeler           actor pool (one GPU each, or CPU actors; textseg.plan.resources)
-    -> write_stage       CPU tasks: masks into DEST/masks/, metadata rows out
+    -> write_stage       CPU tasks (no CPU reserved: resources.write_task_kwargs): masks, metadata rows
     -> MetadataDatasink  DEST/metadata/<run_id>/part-*.parquet, ~100 k rows a part, tallies back
 
 The driver holds the plan (shards, the state's file list) and tallies, never a row per image. Rows carry
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ from textseg.pipeline.write import write_stage
 from textseg.plan.crash_ledger import RayCrashLedger
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
-from textseg.plan.resources import cluster_capacity, map_batches_kwargs, plan_model_pool
+from textseg.plan.resources import cluster_capacity, map_batches_kwargs, plan_model_pool, write_task_kwargs
 from textseg.plan.summary import RunSummary
 from textseg.plan.work import WorkSettings, list_work, read_listing_tallies
 from textseg.source.listing import Shard
@@ -53,7 +54,7 @@ CPU_TASK_BATCH = 16
 # Images per model call: a GPU keeps getting faster up to ~128; a CPU gains nothing past ~8.
 GPU_BATCH, CPU_BATCH = 64, 8
 SPREAD = {"scheduling_strategy": "SPREAD"}
-PART_WRITER = {"num_cpus": 0.25}  # a part write is I/O; less than the stages' 1 CPU keeps it unfused
+PART_WRITER = {"num_cpus": 0.25}  # a part write is I/O; unlike the write stage's 0 CPU: never fused
 
 
 def connect(address: str | None) -> None:
@@ -69,6 +70,11 @@ class ListingDatasource(Datasource):
         self.shards = list(shards)
         self.settings = settings
 
+    @property
+    def task_count(self) -> int:
+        """One read task per shard; --limit lists the first N images in SOURCE's order: one task."""
+        return 1 if self.settings.limit is not None else max(1, len(self.shards))
+
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
@@ -78,8 +84,7 @@ class ListingDatasource(Datasource):
         per_task_row_limit: int | None = None,
         data_context: DataContext | None = None,
     ) -> list[ReadTask]:
-        # --limit lists the first N images in SOURCE's order: one task, all shards in turn.
-        count = 1 if self.settings.limit is not None else max(1, min(len(self.shards), parallelism))
+        count = max(1, min(self.task_count, parallelism))
         groups = [self.shards[i::count] for i in range(count)]
         return [
             ReadTask(
@@ -92,10 +97,8 @@ class ListingDatasource(Datasource):
 
 
 def ray_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterable[Any]:
-    """`map` as Ray tasks (one CPU each, retried on worker loss): the state compaction's steps."""
-    items = list(items)
-    if len(items) <= 1:
-        return [fn(item) for item in items]
+    """`map` as Ray tasks (one CPU each, retried on worker loss): the state compaction's steps. Even a
+    single step runs in a task: a step holds its rows in memory, and the driver must not."""
     return ray.get([_call.remote(fn, item) for item in items])
 
 
@@ -109,12 +112,15 @@ def run_ray(plan: JobPlan) -> RunSummary:
     summary when the run cannot go on."""
     config = plan.config
     connect(config.ray_address)
-    pool = plan_model_pool(config.device, config.actors, cluster_capacity())
+    capacity = cluster_capacity()
+    pool = plan_model_pool(config.device, config.actors, capacity)
     merge_pending_runs(plan, ray_map)
     index = DoneIndex.load(config.dest, config.storage_options)
     # Kept for the run's length: the ledger actor lives as long as this handle.
     crashes, _ledger_actor = RayCrashLedger.start(plan.run_id)
     settings = dataclasses.replace(plan.stage_settings, crashes=crashes)
+    # The write stage's cap is one task per CPU; Ray Data warns whenever a run has fewer blocks than that.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     context = DataContext.get_current()
     context.enable_progress_bars = True
     sink = MetadataDatasink(plan.metadata_uri, config.storage_options)
@@ -122,8 +128,13 @@ def run_ray(plan: JobPlan) -> RunSummary:
     failure: str | None = None
     try:
         # SPREAD: listing, decoding and writing use every node's CPUs, not just the head's.
+        source = ListingDatasource(plan.shards, plan.work_settings(index))
         dataset = ray.data.read_datasource(
-            ListingDatasource(plan.shards, plan.work_settings(index)), ray_remote_args=SPREAD
+            source,
+            ray_remote_args=SPREAD,
+            # One read task per shard and no splitting of its blocks: every task and block costs the
+            # driver ~2 KB of bookkeeping until the run ends, so blocks stay at BLOCK_ROWS.
+            override_num_blocks=source.task_count,
         )
         dataset = dataset.map_batches(
             functools.partial(decode_stage, settings=settings),
@@ -153,7 +164,7 @@ def run_ray(plan: JobPlan) -> RunSummary:
             functools.partial(write_stage, settings=settings),
             batch_size=CPU_TASK_BATCH,
             batch_format="numpy",
-            num_cpus=1,
+            **write_task_kwargs(capacity),
             **SPREAD,
         )
         # Not fused with the write stage: a fused stage would wait for a whole part's rows before

@@ -1,7 +1,7 @@
 """What a run attempts: each listing shard's images, minus those DEST's state says are done.
 
 One call of `list_work` is one listing task (a Ray read task, or a loop in this process). It lists its
-shards, looks each batch of LOOKUP_BATCH images up in the done-index (`textseg.outputs.state`), and
+shards, looks each batch of up to LOOKUP_BATCH images up in the done-index (`textseg.outputs.state`), and
 yields the rest as work rows while the listing goes on, so decoding starts before listing ends. What it
 listed and skipped it writes as a small tally file named by the task's shards, which a retried task
 overwrites; the run summary adds the tallies up (`read_listing_tallies`).
@@ -28,8 +28,11 @@ from textseg.source.refs import ImageRef, mask_relpath
 # the state per ~10 k images (sorted listings keep a batch's relpaths close together), small enough to
 # stream.
 LOOKUP_BATCH = 10_000
-# Work rows per block handed to the decode stage.
+# Work rows per block handed to the decode stage. A task's first block is FIRST_ROWS and each next one
+# twice the last, up to BLOCK_ROWS: a block moves through a stage as one task, so a first block of 1,000
+# would hold back the first masks until 1,000 images were decoded, labeled and written.
 BLOCK_ROWS = 1_000
+FIRST_ROWS = 16
 
 WORK_SCHEMA = pa.schema(
     [
@@ -72,14 +75,15 @@ def list_work(
     )
     if settings.limit is not None:
         refs = itertools.islice(refs, settings.limit)
-    for batch in _batched(refs, LOOKUP_BATCH):
+    for batch in _ramped(refs, FIRST_ROWS, LOOKUP_BATCH):
         keys = [(r.relpath, r.fingerprint) for r in batch if r.problem is None]
         done = settings.index.done_relpaths(keys, settings.model_id, settings.ontology_hash)
         todo = [r for r in batch if r.problem is not None or r.relpath not in done]
         tally.listed += len(batch)
         tally.skipped += len(batch) - len(todo)
-        for start in range(0, len(todo), BLOCK_ROWS):
-            yield work_table(todo[start : start + BLOCK_ROWS])
+        block = min(len(batch), BLOCK_ROWS)
+        for start in range(0, len(todo), block):
+            yield work_table(todo[start : start + block])
     if settings.tally_uri is not None:
         _write_tally(shards, settings.tally_uri, settings.storage_options, tally)
 
@@ -102,10 +106,7 @@ def work_table(refs: Sequence[ImageRef]) -> pa.Table:
 def read_listing_tallies(tally_uri: str, storage_options: Mapping[str, Any]) -> ListingTally:
     """The tallies of every listing task of a run, added up (O(tasks) small reads, in parallel)."""
     fs, root = storage.filesystem_for(tally_uri, storage_options)
-    if not fs.exists(root):
-        return ListingTally()
-    fs.invalidate_cache(root)
-    paths = fs.glob(f"{root}/*.json")
+    paths = storage.glob(fs, f"{root}/*.json")
     with ThreadPoolExecutor(max_workers=16) as pool:
         tallies = list(pool.map(lambda p: json.loads(storage.read_bytes(fs, p)), paths))
     return ListingTally(sum(t["listed"] for t in tallies), sum(t["skipped"] for t in tallies))
@@ -120,7 +121,9 @@ def _write_tally(
     storage.write_bytes_atomic(fs, f"{root}/{name}.json", json.dumps(payload).encode())
 
 
-def _batched(items: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
-    iterator = iter(items)
+def _ramped(items: Iterable[ImageRef], first: int, most: int) -> Iterator[list[ImageRef]]:
+    """Batches of `first`, then twice the last, up to `most` items."""
+    iterator, size = iter(items), first
     while batch := list(itertools.islice(iterator, size)):
         yield batch
+        size = min(most, size * 2)
