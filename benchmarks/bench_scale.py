@@ -221,14 +221,19 @@ def bench_history(images: int, runs: int, work: pathlib.Path) -> None:
 
 
 def bench_cluster(images: int, work: pathlib.Path) -> None:
-    """A 3-node `ray.cluster_utils.Cluster`: which node ran which operator's tasks."""
+    """A 3-node `ray.cluster_utils.Cluster`: which node's workers ran which stage.
+
+    Ray titles a worker process after the task it runs (`ray::MapBatches(decode_stage)`), and every worker
+    is a child of its node's raylet; sampling the process table while the job runs shows where each
+    stage's tasks ran (the Ray state API would need the dashboard, which a slim install lacks).
+    """
     import collections
 
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_tasks
 
     import textseg
+    from tests.reliability import procs
 
     model = tiny_model(work / "model")
     source = work / "src"
@@ -237,18 +242,35 @@ def bench_cluster(images: int, work: pathlib.Path) -> None:
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
+    seen: dict[int, set[str]] = collections.defaultdict(set)  # raylet pid -> stage titles seen
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            table = list(procs.processes())
+            raylets = {p.pid for p in table if "/raylet" in p.cmdline.split(" ", 1)[0]}
+            for proc in table:
+                if proc.ppid in raylets and proc.cmdline.startswith("ray::"):
+                    seen[proc.ppid].add(proc.cmdline.split(" ", 1)[0].removeprefix("ray::")[:40])
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     try:
         summary = textseg.label(str(source), str(work / "dest"), prompts="a", model=model)
         print(summary.line(), summary.status)
-        tasks = list_tasks(limit=100_000, detail=True, raise_on_missing_output=False)
-        per_node: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-        for task in tasks:
-            per_node[task.node_id or "?"][task.name.split("(")[0][:40]] += 1
-        for index, (node, counts) in enumerate(sorted(per_node.items())):
-            print(f"node {index} ({node[:8]}): " + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
     finally:
+        done.set()
+        sampler.join()
         ray.shutdown()
         cluster.shutdown()
+    stages = ("ReadListing", "MapBatches(decode_stage)", "MapBatches(write_stage)", "Write")
+    everywhere = 0
+    for index, (raylet, titles) in enumerate(sorted(seen.items())):
+        ran = [stage for stage in stages if any(t.startswith(stage) for t in titles)]
+        everywhere += len(ran) == len(stages)
+        print(f"node {index} (raylet pid {raylet}): {', '.join(ran) or 'none of the CPU stages'}")
+    print(f"nodes that ran every CPU stage: {everywhere} of {len(seen)}")
 
 
 def main() -> None:
