@@ -1,5 +1,6 @@
 """Images that kill the process handling them, in a local Ray of its own: one kills the model actor (an
-all-black image), one kills its decode task's worker (a file named `segfault.png`). Run as
+all-black image), one kills its decode task's worker (a file named `segfault.png`); and one whose
+decoding raises (`raises.png`), whose traceback must reach the driver's output. Run as
 `python -m tests.reliability.poison_images WORKDIR MODEL_DIR`; prints `RESULT {json}`.
 
 The processes die by `os._exit` from inside the stages' real code paths, patched into every Ray worker
@@ -17,7 +18,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-IMAGES = 8  # six good images, one all-black (kills the model), one segfault.png (kills decoding)
+IMAGES = 9  # six good images, one all-black (kills the model), segfault.png (kills decoding), raises.png
+RAISED = "injected decoder failure"
 
 
 def install() -> None:
@@ -35,6 +37,8 @@ def install() -> None:
     def dying_open(fs, path, relpath, *args):  # type: ignore[no-untyped-def]
         if "segfault" in relpath:
             os._exit(1)
+        if "raises" in relpath:
+            raise RuntimeError(RAISED)
         return open_source(fs, path, relpath, *args)
 
     ClipSegBackend.score = dying_score  # type: ignore[method-assign]
@@ -46,19 +50,20 @@ def main(workdir: pathlib.Path, model_dir: str) -> None:
     import ray
 
     from textseg.cli import main as cli
+    from textseg.plan.runner_ray import RAY_INIT_OPTIONS
 
     source = workdir / "imgs"
     source.mkdir(parents=True)
     rng = np.random.default_rng(3)
-    for i in range(IMAGES - 2):
+    for i in range(IMAGES - 3):
         Image.fromarray(rng.integers(1, 256, (24, 24, 3), dtype=np.uint8)).save(source / f"img{i}.png")
     Image.fromarray(np.zeros((24, 24, 3), dtype=np.uint8)).save(source / "black.png")
     Image.fromarray(np.full((24, 24, 3), 50, dtype=np.uint8)).save(source / "segfault.png")
+    Image.fromarray(np.full((24, 24, 3), 70, dtype=np.uint8)).save(source / "raises.png")
     ray.init(
         num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
         runtime_env={"worker_process_setup_hook": "tests.reliability.poison_images.install"},
+        **RAY_INIT_OPTIONS,  # as `textseg label` starts Ray: the workers' logs reach this output
     )
     dest = workdir / "out"
     args = ["label", str(source), str(dest), "--model", model_dir, "--prompts", "cat,dog"]

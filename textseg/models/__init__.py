@@ -101,7 +101,13 @@ def read_input_spec(ref: ModelRef) -> InputSpec:
 
 
 def load_model(ref: ModelRef, device: str = "cpu") -> SegmentationBackend:
-    """Load the weights on `device` (imports torch and transformers; call it in the model actor)."""
+    """Load the weights on `device` (imports torch and transformers; call it in the model actor).
+
+    transformers' per-tensor loading bar is turned off: in a Ray worker it is a line per actor in the
+    driver's output, about nothing the user can act on."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     module_name, function_name = _BACKENDS[ref.backend][0].split(":")
     loader = getattr(importlib.import_module(module_name), function_name)
     backend: SegmentationBackend = loader(ref.location, device=device)

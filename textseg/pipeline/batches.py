@@ -6,6 +6,10 @@ so `isolate` can always fall back to handing a failed image on as an error row: 
 batch is retried image by image, and an image that still raises continues with the reason in `error`.
 Only `JobError` (a problem every image would hit) escapes.
 
+The reason in an error row is one line. The traceback behind it goes to the worker's log, which Ray
+forwards to the driver's output (`ray job logs` on a cluster): the first failure of each kind (stage and
+exception type) in each worker process, so a million failing images cost a handful of tracebacks.
+
 Some images do not raise: they kill the process that handles them (a decoder that segfaults, a model
 that exhausts host memory, a CUDA fault that aborts). Ray retries such a task without limit, so with a
 `CrashLedger` a retried task goes image by image, marking each image in flight before it starts; an
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +33,7 @@ from textseg.errors import JobError, describe_exception
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+_REPORTED: set[tuple[str, str]] = set()  # per worker process: (stage, exception type) already logged
 StageOutput = TypeVar("StageOutput", Batch, pa.Table)
 
 # Columns whose values are fixed-size numbers rather than Python objects, with their dtype and row shape.
@@ -133,7 +139,12 @@ def _isolated(
     except Exception as err:  # noqa: BLE001 - retried image by image below, never lost
         if batch_len(batch) == 1:
             return _as_error(stage, batch, what, err, storage_options)
-        log.warning("%s failed on a batch of %d (%s); retrying image by image", what, batch_len(batch), err)
+        log.debug(
+            "%s failed on a batch of %d (%s); retrying image by image",
+            what,
+            batch_len(batch),
+            storage.redact(describe_exception(err), storage.secret_values(storage_options)),
+        )
     parts: list[StageOutput] = []
     for i in range(batch_len(batch)):
         one = take(batch, [i])
@@ -184,12 +195,29 @@ def _as_error(
     err: BaseException,
     storage_options: Mapping[str, Any],
 ) -> StageOutput:
-    reason = storage.redact(
-        f"{what} failed: {describe_exception(err)}", storage.secret_values(storage_options)
-    )
+    secrets = storage.secret_values(storage_options)
+    reason = storage.redact(f"{what} failed: {describe_exception(err)}", secrets)
+    report_failure(reason, err, str(one["relpath"][0]), secrets)
     failed = dict(one)
     failed["error"] = np.array([reason], dtype=object)
     return stage(failed)
+
+
+def report_failure(reason: str, err: BaseException, relpath: str, secrets: Sequence[str]) -> None:
+    """Log the traceback behind an error row's `reason` (already redacted) to this worker's log, the
+    first time this process sees a failure of its kind (the reason's category, the text before ':', and
+    the exception type); secrets are redacted from the traceback too."""
+    kind = (reason.split(":", 1)[0], type(err).__name__)
+    if kind in _REPORTED:
+        return
+    _REPORTED.add(kind)
+    trace = "".join(traceback.format_exception(err)).rstrip() if err.__traceback__ is not None else ""
+    log.warning(
+        "%s on %r (the first failure of this kind in this worker; later ones are only in the metadata)%s",
+        reason,
+        relpath,
+        "\n" + storage.redact(trace, secrets) if trace else "",
+    )
 
 
 def unpack_nodata(packed: bytes, height: int, width: int) -> np.ndarray | None:

@@ -21,7 +21,7 @@ from textseg.image.decoding import ImageDecodeError
 from textseg.image.pieces import Piece, open_source, resized
 from textseg.image.rasters import GeoRef
 from textseg.models.input_spec import InputSpec
-from textseg.pipeline.batches import Batch, isolate, to_batch
+from textseg.pipeline.batches import Batch, isolate, report_failure, to_batch
 from textseg.pipeline.scenes import SceneManifest, scene_key
 from textseg.pipeline.settings import StageSettings
 
@@ -67,6 +67,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 error = str(err)
             except Exception as err:  # noqa: BLE001 - any read failure becomes this image's error row
                 error = storage.redact(describe_read_error(err), secrets)
+                report_failure(error, err, str(row["relpath"]), secrets)
         elapsed = float(batch["elapsed_ms"][i]) + (time.perf_counter() - started) * 1000
         if error or not pieces:
             _emit(

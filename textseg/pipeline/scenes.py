@@ -34,6 +34,7 @@ from textseg.labels.vector_merge import VECTOR_PARTS
 from textseg.labels.vectors import polygons_from_labels, write_geoparquet
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
+from textseg.pipeline.batches import report_failure
 from textseg.pipeline.settings import StageSettings
 
 MANIFEST = "scene.json"
@@ -131,6 +132,7 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
                 write_geoparquet(blender.polygons, scratch_fs, part)
         except Exception as err:  # noqa: BLE001 - a failed assembly is this scene's error row
             error = storage.redact(f"cannot assemble the scene's mask: {type(err).__name__}: {err}", secrets)
+            report_failure(error, err, manifest.relpath, secrets)
     elapsed = manifest.decode_ms + blender.model_ms + (time.perf_counter() - started) * 1000
     return metadata_row(
         source_uri=manifest.source_uri,

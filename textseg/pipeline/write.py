@@ -23,7 +23,7 @@ from textseg.labels.vector_merge import VECTOR_PARTS
 from textseg.labels.vectors import polygons_from_labels, write_geoparquet
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
-from textseg.pipeline.batches import Batch, isolate, unpack_nodata
+from textseg.pipeline.batches import Batch, isolate, report_failure, unpack_nodata
 from textseg.pipeline.scenes import scene_key, write_window_error, write_window_result
 from textseg.pipeline.settings import StageSettings
 
@@ -66,6 +66,7 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                     )
             except Exception as err:  # noqa: BLE001 - a failed write is this image's error row
                 error = storage.redact(f"cannot write the mask: {type(err).__name__}: {err}", secrets)
+                report_failure(error, err, str(relpath), secrets)
         rows.append(
             metadata_row(
                 source_uri=str(batch["source_uri"][i]),

@@ -16,6 +16,8 @@ per task of the run.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import ray
@@ -73,7 +75,7 @@ class RayCrashLedger:
             return self._retried
         # An actor's retried call runs in the restarted actor: only a restarted one waits for the answer.
         marked = self._actor().begin.remote(key)
-        return bool(context.was_current_actor_reconstructed and ray.get(marked) > 0)
+        return bool(_restarted_actor() and ray.get(marked) > 0)
 
     def batch_done(self, key: str) -> None:
         if ray.get_runtime_context().get_actor_id() is not None:
@@ -91,3 +93,12 @@ class RayCrashLedger:
         if handle is None:
             handle = _HANDLES[self.name] = ray.get_actor(self.name)
         return handle
+
+
+@functools.cache
+def _restarted_actor() -> bool:
+    """Whether this process is a restarted actor: constant for the process's life, and a query to Ray's
+    control store each time it is asked, so asked once (its internal deprecation warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)

@@ -54,13 +54,20 @@ CPU_TASK_BATCH = 16
 # Images per model call: a GPU keeps getting faster up to ~128; a CPU gains nothing past ~8.
 GPU_BATCH, CPU_BATCH = 64, 8
 SPREAD = {"scheduling_strategy": "SPREAD"}
+# Workers' output reaches the driver (and `ray job logs`): the tracebacks behind error rows
+# (textseg.pipeline.batches) and what a dying worker printed; Ray's own INFO lines stay out.
+RAY_INIT_OPTIONS: dict[str, Any] = {
+    "include_dashboard": False,
+    "logging_level": logging.WARNING,
+    "log_to_driver": True,
+}
 PART_WRITER = {"num_cpus": 0.25}  # a part write is I/O; unlike the write stage's 0 CPU: never fused
 
 
 def connect(address: str | None) -> None:
     """Join `address` (a running cluster), or start an embedded local Ray when None."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, **RAY_INIT_OPTIONS)
 
 
 class ListingDatasource(Datasource):
@@ -121,6 +128,8 @@ def run_ray(plan: JobPlan) -> RunSummary:
     settings = dataclasses.replace(plan.stage_settings, crashes=crashes)
     # The write stage's cap is one task per CPU; Ray Data warns whenever a run has fewer blocks than that.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+    # A scheduling strategy has no named parameter in map_batches: it travels as a Ray remote argument.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     context = DataContext.get_current()
     context.enable_progress_bars = True
     sink = MetadataDatasink(plan.metadata_uri, config.storage_options)
@@ -129,9 +138,8 @@ def run_ray(plan: JobPlan) -> RunSummary:
     try:
         # SPREAD: listing, decoding and writing use every node's CPUs, not just the head's.
         source = ListingDatasource(plan.shards, plan.work_settings(index))
-        dataset = ray.data.read_datasource(
+        dataset = ray.data.read_datasource(  # SPREAD: DataContext's default scheduling strategy
             source,
-            ray_remote_args=SPREAD,
             # One read task per shard and no splitting of its blocks: every task and block costs the
             # driver ~2 KB of bookkeeping until the run ends, so blocks stay at BLOCK_ROWS.
             override_num_blocks=source.task_count,
