@@ -44,6 +44,13 @@ METADATA_SCHEMA = pa.schema(
         pa.field("crs", pa.string()),
         pa.field("bounds", pa.list_(pa.float64(), 4)),
         pa.field("bounds_wgs84", pa.list_(pa.float64(), 4)),
+        # How the model saw the image (`textseg.image.pieces.Tiling.describe`), e.g. "whole image resized
+        # to 352x352" or "windows of 352 px, overlap 32 px, at 0.5 m/px (scene 0.5 m/px)".
+        pa.field("tiling", pa.string()),
+        # What the listing knew beyond the object, as a JSON object (a STAC item's properties).
+        pa.field("source_properties", pa.string()),
+        # What an `ok` row lacks and why (e.g. no WGS84 bounds: the CRS cannot be reprojected), or null.
+        pa.field("notes", pa.string()),
     ]
 )
 
@@ -74,6 +81,9 @@ def metadata_row(
     model_id: str,
     ontology_hash: str,
     run_id: str,
+    tiling: str = "",
+    properties: str = "",
+    notes: str = "",
 ) -> dict[str, Any]:
     """The one place a metadata row (METADATA_SCHEMA) is shaped, for whole images and assembled scenes."""
     ok = not error
@@ -99,6 +109,9 @@ def metadata_row(
         "crs": georef.crs if ok and georef is not None else None,
         "bounds": list(bounds) if bounds is not None else None,
         "bounds_wgs84": list(georef.bounds_wgs84) if bounds is not None and georef is not None else None,
+        "tiling": tiling or None,
+        "source_properties": properties or None,
+        "notes": notes or None,
     }
 
 

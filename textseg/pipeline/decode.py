@@ -49,7 +49,9 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
     out: dict[str, list[Any]] = collections.defaultdict(list)
     secrets = settings.secrets
     for i in range(len(batch["relpath"])):
-        row = {key: batch[key][i] for key in ("source_uri", "relpath", "mask_relpath", "fingerprint")}
+        row = {
+            key: batch[key][i] for key in ("source_uri", "relpath", "mask_relpath", "fingerprint", "properties")
+        }
         error = str(batch["error"][i] or "")
         started = time.perf_counter()
         pieces: list[Piece] = []
@@ -145,6 +147,8 @@ def _write_manifest(
         windows=[(p.window.x0, p.window.y0, p.window.width, p.window.height) for p in pieces],
         georef=georef,
         decode_ms=elapsed_ms,
+        tiling=tiling,
+        properties=str(row["properties"]),
     )
     directory = f"{root}/scenes/{scene_key(manifest.relpath)}"
     storage.write_bytes_atomic(fs, f"{directory}/scene.json", manifest.to_json())

@@ -58,6 +58,8 @@ class SceneManifest:
     windows: list[tuple[int, int, int, int]]  # (x0, y0, width, height)
     georef: GeoRef | None
     decode_ms: float
+    tiling: str = ""
+    properties: str = ""
 
     def window_objects(self) -> list[Window]:
         return [Window(*w) for w in self.windows]
@@ -150,6 +152,8 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
         model_id=settings.model_id,
         ontology_hash=settings.ontology_hash,
         run_id=settings.run_id,
+        tiling=manifest.tiling,
+        properties=manifest.properties,
     )
 
 

@@ -84,6 +84,8 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                 model_id=settings.model_id,
                 ontology_hash=settings.ontology_hash,
                 run_id=settings.run_id,
+                tiling=str(batch["tiling"][i]),
+                properties=str(batch["properties"][i]),
             )
         )
     if polygons:

@@ -42,6 +42,7 @@ WORK_SCHEMA = pa.schema(
         ("fingerprint", pa.string()),
         ("error", pa.string()),
         ("elapsed_ms", pa.float64()),
+        ("properties", pa.string()),
     ]
 )
 
@@ -98,6 +99,7 @@ def work_table(refs: Sequence[ImageRef]) -> pa.Table:
             "fingerprint": [r.fingerprint for r in refs],
             "error": [r.problem or "" for r in refs],
             "elapsed_ms": [0.0] * len(refs),
+            "properties": [r.properties for r in refs],
         },
         schema=WORK_SCHEMA,
     )

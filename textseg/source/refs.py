@@ -39,6 +39,8 @@ class ImageRef:
         incremental run relabels it. '' when unknown (a problem ref).
     size: bytes, 0 when unknown.
     problem: None for an image to label; otherwise why it cannot be labeled (the runner writes an error row).
+    properties: what the listing knows of the image beyond its object (a STAC item's properties), as a
+        JSON object, or '' when nothing; it lands in the metadata row's `source_properties`.
     """
 
     uri: str
@@ -46,6 +48,7 @@ class ImageRef:
     fingerprint: str
     size: int
     problem: str | None = None
+    properties: str = ""
 
 
 class FoundFile(NamedTuple):
