@@ -26,8 +26,8 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         "source",
         nargs=nargs,
         metavar="SOURCE",
-        help="folder, prefix, glob or manifest of images: ./imgs, s3://bucket/raw/, "
-        "'s3://b/raw/**/*.jpg', list.txt",
+        help="folder, prefix, glob or manifest of images, or STAC JSON: ./imgs, s3://bucket/raw/, "
+        "'s3://b/raw/**/*.jpg', list.txt, s3://b/stac/catalog.json",
     )
     parser.add_argument(
         "dest", nargs=nargs, metavar="DEST", help="folder or prefix the masks and metadata go under"
@@ -58,8 +58,26 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         default=None,
         help="list and count what would be labeled; load no model, write nothing",
     )
-    parser.add_argument("--tile-size", type=int, help="split images larger than this into windows (pixels)")
-    parser.add_argument("--tile-overlap", type=int, help="overlap between windows in pixels (default 64)")
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        help="split every image larger than this into windows of this many pixels (default: georeferenced "
+        "rasters are labeled at their own resolution in windows of the model's input size, scaled by --gsd; "
+        "photos are resized whole unless a side exceeds 4096 px)",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=int,
+        help="overlap between windows (default 64), in the model's pixels for georeferenced rasters, "
+        "in image pixels with --tile-size",
+    )
+    parser.add_argument(
+        "--gsd",
+        type=float,
+        metavar="M",
+        help="metres per pixel the model was trained at, for models whose config declares no gsd_m (the "
+        "demo model declares 0.5); a georeferenced scene at another resolution is resampled to it",
+    )
     parser.add_argument(
         "--vectors",
         action="store_true",
@@ -72,6 +90,13 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
     )
     parser.add_argument(
         "--vector-min-area", type=float, help="drop polygons smaller than this, m^2 (default 0)"
+    )
+    parser.add_argument(
+        "--stac-asset",
+        metavar="KEY",
+        help="with a STAC item, collection, catalog or saved search result as SOURCE: the asset of each "
+        "item to label (default: 'visual', else the item's only image or 'data' asset, thumbnails and "
+        "overviews aside; an item with none or several is an error row naming its assets)",
     )
     parser.add_argument(
         "--storage-option",
@@ -212,6 +237,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
         relpaths = write_synth_dataset(args.dest, args.n, args.seed, args.size, options)
         print(f"wrote {len(relpaths)} synthetic tiles of {args.size} px under {args.dest}")
+    from textseg.training.synth import SYNTH_GSD_M
+
+    # The imagery is drawn at SYNTH_GSD_M whatever the georeference says (an XYZ tile's zoom sets its own).
+    print(f"ground sample distance: {SYNTH_GSD_M} m/px (recorded in {args.dest}/dataset.json)")
     return EXIT_OK
 
 

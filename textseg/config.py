@@ -44,6 +44,7 @@ class JobConfig:
     dry_run: bool = False
     tile_size: int | None = None
     tile_overlap: int = 64
+    gsd: float | None = None  # metres per pixel the model was trained at; None: the model's `gsd_m`
     vectors: bool = False  # also write polygons per class as GeoParquet (georeferenced images only)
     # 1 px removes the pixel staircase whatever the ground resolution; 0 keeps exact pixel outlines.
     vector_simplify: float = 1.0
@@ -53,6 +54,8 @@ class JobConfig:
     max_error_rate: float = 0.01
     # Decompression-bomb limit in pixels; large satellite scenes are legitimate, so it is generous.
     max_image_pixels: int = 40_000 * 40_000
+    # The asset of each STAC item to label; None: `visual`, else the item's only image or data asset.
+    stac_asset: str | None = None
 
     def __post_init__(self) -> None:
         if not self.source or not self.dest:
@@ -67,6 +70,8 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.gsd is not None and not self.gsd > 0:
+            raise ConfigError(f"--gsd must be a positive number of metres per pixel, got {self.gsd}")
         if self.tile_overlap < 0:
             raise ConfigError(f"--tile-overlap must be >= 0, got {self.tile_overlap}")
         if self.tile_size is not None and self.tile_overlap * 2 >= self.tile_size:

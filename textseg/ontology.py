@@ -1,12 +1,27 @@
 """Classes -> prompts, thresholds and colours, and the ontology's stable hash.
 
-Class indices are 1, 2, 3 ... in file order; 0 is background and 255 is no-data.
+Class indices are 1, 2, 3 ... in file order; 0 is background and 255 is no-data. The YAML form:
+
+    classes:
+      building:
+        prompts: [building, house, rooftop]  # default: [the class name]
+        threshold: 0.45  # default: --threshold
+        color: "#e41a1c"  # the mask palette; default: a colour-blind-safe cycle
+        min_area_m2: 20  # --vectors: drop polygons under 20 m^2 (default: --vector-min-area)
+        simplify_m: 0.5  # --vectors: simplify by 0.5 m on the ground (default: --vector-simplify px)
+
+min_area_m2 is the class's minimum mapping unit, in square metres on the ground (geodesic), applied to
+whole objects after pieces are merged across tile and window borders. simplify_m is a simplification
+tolerance in metres, turned into pixels per image with its metres per pixel (`textseg.labels.vectors`);
+where an image's CRS has no metric scale, the pixel tolerance is used and the image's row notes it.
+Both only shape polygons, never masks, so (like colours) they are not part of the stable hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +49,8 @@ class OntologyClass:
     prompts: tuple[str, ...]
     threshold: float
     color: tuple[int, int, int]
+    min_area_m2: float | None = None  # polygons (--vectors) smaller than this are dropped; None: the job's
+    simplify_m: float | None = None  # polygon simplification in metres; None: the job's pixel tolerance
 
 
 @dataclass(frozen=True)
@@ -76,10 +93,19 @@ class Ontology:
         """The ontology YAML form (README), round-trippable through `from_mapping`."""
         return {
             "classes": {
-                c.name: {"prompts": list(c.prompts), "threshold": c.threshold, "color": _hex(c.color)}
+                c.name: {
+                    "prompts": list(c.prompts),
+                    "threshold": c.threshold,
+                    "color": _hex(c.color),
+                    **{key: getattr(c, key) for key in _VECTOR_KEYS if getattr(c, key) is not None},
+                }
                 for c in self.classes
             }
         }
+
+
+_VECTOR_KEYS = ("min_area_m2", "simplify_m")  # per-class polygon settings (module docstring)
+_CLASS_KEYS = ("prompts", "threshold", "color", *_VECTOR_KEYS)
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
@@ -101,7 +127,8 @@ def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
 
 
 def from_mapping(mapping: Mapping[str, Any], default_threshold: float) -> Ontology:
-    """Build an ontology from the ontology YAML structure (`classes: {name: {prompts, threshold, color}}`)."""
+    """Build an ontology from the ontology YAML structure (module docstring:
+    `classes: {name: {prompts, threshold, color, min_area_m2, simplify_m}}`)."""
     classes_in = mapping.get("classes") if isinstance(mapping, Mapping) else None
     if not isinstance(classes_in, Mapping) or not classes_in:
         raise OntologyError("an ontology needs a non-empty 'classes:' mapping of class name -> settings")
@@ -110,12 +137,12 @@ def from_mapping(mapping: Mapping[str, Any], default_threshold: float) -> Ontolo
         spec = spec or {}
         if not isinstance(spec, Mapping):
             raise OntologyError(
-                f"class {name!r}: settings must be a mapping with 'prompts', 'threshold', 'color'"
+                f"class {name!r}: settings must be a mapping with keys {', '.join(_CLASS_KEYS)}"
             )
-        unknown = set(spec) - {"prompts", "threshold", "color"}
+        unknown = set(spec) - set(_CLASS_KEYS)
         if unknown:
             raise OntologyError(
-                f"class {name!r}: unknown keys {sorted(unknown)}; allowed: prompts, threshold, color"
+                f"class {name!r}: unknown keys {sorted(unknown)}; allowed: {', '.join(_CLASS_KEYS)}"
             )
         prompts = spec.get("prompts", [name])
         if isinstance(prompts, str):
@@ -131,10 +158,19 @@ def from_mapping(mapping: Mapping[str, Any], default_threshold: float) -> Ontolo
             if "color" in spec
             else parse_color(DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
         )
-        classes.append(OntologyClass(str(name), prompts, threshold, color))
+        vector = {key: _non_negative(name, key, spec[key]) for key in _VECTOR_KEYS if key in spec}
+        classes.append(OntologyClass(str(name), prompts, threshold, color, **vector))
     if len(classes) > MAX_CLASSES:
         raise OntologyError(f"{len(classes)} classes: an 8-bit mask holds at most {MAX_CLASSES}")
     return Ontology(tuple(classes))
+
+
+def _non_negative(name: object, key: str, value: Any) -> float:
+    """A class's min_area_m2 or simplify_m: a finite number >= 0 (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        unit = "square metres" if key == "min_area_m2" else "metres"
+        raise OntologyError(f"class {name!r}: {key} must be a number of {unit} >= 0, got {value!r}")
+    return float(value)
 
 
 def from_prompts(prompts: str | Sequence[str], default_threshold: float) -> Ontology:

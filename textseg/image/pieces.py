@@ -1,12 +1,23 @@
 """One listed image -> the pieces the model sees: the whole image, or the windows of a large scene.
 
-A piece is a unit of work in the plan. Most images are one piece. An image with a side above the window
-threshold (`--tile-size`, or AUTO_WINDOW_ABOVE) is cut into overlapping windows
-(`textseg.image.windows`) that travel through the plan as separate rows and are blended back by
-`textseg.pipeline.scenes`. A TIFF is opened with rasterio when the `geo` extra is installed: a scene is
-then read window by window, never whole, and its CRS and transform come along; other images are decoded
-by Pillow (`textseg.image.decoding`), and XYZ tiles
-(`.../z/x/y.png`) are georeferenced from their path.
+A piece is a unit of work in the plan. How an image is cut (`WindowPlan.tiling`) depends on what it is:
+
+- A georeferenced raster (GeoTIFF/COG, and XYZ tiles larger than the model's input) is labeled at its
+  own resolution: overlapping windows that show the model as many ground metres as it was trained on.
+  With the model's ground sample distance known (declared in its config as `gsd_m`, or `--gsd`) and the
+  scene's computable, a window is model_side * model_gsd / scene_gsd scene pixels (a scene at twice the
+  model's GSD gets half-size windows, upsampled to the model's input); otherwise a window is the model's
+  input size in scene pixels. A scene no larger than one window is one piece.
+- A photo (no georeference) is resized whole to the model's input, as its processor would, unless a side
+  exceeds AUTO_WINDOW_ABOVE (then AUTO_TILE_SIZE windows keep memory and detail bounded).
+- `--tile-size` overrides both: windows of that many image pixels for every image larger than it.
+
+Windows travel through the plan as separate rows and are blended back by `textseg.pipeline.scenes`, on
+the scene's own grid: the mask keeps the scene's size, transform and CRS whatever scale the model saw. A
+TIFF is opened with rasterio when the `geo` extra is installed: a scene is then read window by window,
+never whole, and its CRS and transform come along; other images are decoded by Pillow
+(`textseg.image.decoding`), and XYZ tiles (`.../z/x/y.png`) are georeferenced from their path. Each
+metadata row says which way its image was cut (`Tiling.describe`).
 """
 
 from __future__ import annotations
@@ -24,24 +35,70 @@ from textseg.image.rasters import GeoRef
 from textseg.image.windows import Window, tile_windows
 from textseg.models.input_spec import InputSpec
 
-# Without --tile-size, images with a side above 4096 px are windowed (a 1 MP photo never is), into 1024 px
-# windows: large enough for context, small enough that a window's scores stay a few MB.
+# Photos (no georeference) without --tile-size: windowed only with a side above 4096 px (a 1 MP photo never
+# is), into 1024 px windows: large enough for context, small enough that a window's scores stay a few MB.
 AUTO_WINDOW_ABOVE = 4096
 AUTO_TILE_SIZE = 1024
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """How one image is cut: `windows` (None: one whole-image piece), and the words its row records."""
+
+    windows: list[Window] | None
+    describe: str
+
+
+@dataclass(frozen=True)
 class WindowPlan:
-    tile_size: int | None  # --tile-size; None: AUTO_* above
+    """The run's rules for cutting images (module docstring); `tiling` applies them to one image.
+
+    tile_size: --tile-size in image pixels, or None; overlap: --tile-overlap in the model's pixels;
+    model_size: the model's input (height, width); model_gsd: metres per pixel the model was trained at
+    (declared or --gsd), or None.
+    """
+
+    tile_size: int | None
     overlap: int
+    model_size: tuple[int, int] = (0, 0)
+    model_gsd: float | None = None
+
+    def tiling(self, width: int, height: int, georef: GeoRef | None) -> Tiling:
+        if self.tile_size is not None:
+            return self._windows(width, height, self.tile_size, self.overlap, "--tile-size")
+        if georef is not None and min(self.model_size) > 0:
+            scene_gsd = georef.ground_sample_distance()
+            side = min(self.model_size)
+            at = ""
+            if scene_gsd is not None and self.model_gsd is not None:
+                side = max(16, round(side * self.model_gsd / scene_gsd))
+                at = f" at the model's {self.model_gsd:g} m/px (scene {scene_gsd:.3g} m/px)"
+            elif scene_gsd is not None:
+                at = f" at the scene's {scene_gsd:.3g} m/px (the model declares no GSD)"
+            # --tile-overlap counts the model's pixels here: the same share of every window at any scale.
+            overlap = round(self.overlap * side / min(self.model_size))
+            return self._windows(width, height, side, overlap, "native resolution" + at)
+        if max(width, height) > AUTO_WINDOW_ABOVE:
+            why = f"a side above {AUTO_WINDOW_ABOVE} px"
+            return self._windows(width, height, AUTO_TILE_SIZE, self.overlap, why)
+        return Tiling(None, self._whole())
 
     def windows(self, width: int, height: int) -> list[Window] | None:
-        """The windows of a width x height image, or None when it is labeled whole."""
-        above = self.tile_size or AUTO_WINDOW_ABOVE
-        if max(width, height) <= above:
-            return None
-        tile = self.tile_size or AUTO_TILE_SIZE
-        return tile_windows(width, height, tile, min(self.overlap, tile // 2 - 1))
+        """The windows of a width x height image without georeference, or None when it is labeled whole."""
+        return self.tiling(width, height, None).windows
+
+    def _windows(self, width: int, height: int, side: int, overlap: int, why: str) -> Tiling:
+        if max(width, height) <= side:
+            return Tiling(None, self._whole() + f" ({why}: no larger than one {side} px window)")
+        overlap = min(overlap, side // 2 - 1)
+        return Tiling(
+            tile_windows(width, height, side, overlap),
+            f"windows of {side} px, overlap {overlap} px ({why})",
+        )
+
+    def _whole(self) -> str:
+        height, width = self.model_size
+        return f"whole image resized to {width}x{height}" if height else "whole image"
 
 
 @dataclass(frozen=True)
@@ -61,8 +118,13 @@ class Source:
     width: int
     height: int
     georef: GeoRef | None
-    windows: list[Window] | None  # None: one whole-image piece
+    tiling: Tiling
     raster: bool  # read through rasterio (a TIFF): the mask is a GeoTIFF when georeferenced
+
+    @property
+    def windows(self) -> list[Window] | None:
+        """None: one whole-image piece."""
+        return self.tiling.windows
 
     @property
     def mask_suffix(self) -> str:
@@ -77,19 +139,21 @@ def open_source(
     if path.lower().endswith((".tif", ".tiff")) and _has_rasterio():
         size = rasters.scene_size(fs, path)
         georef = rasters.read_georef(fs, path) if size is not None else None
-        if size is not None and (georef is not None or plan.windows(*size) is not None):
+        tiling = plan.tiling(*size, georef) if size is not None else None
+        if size is not None and tiling is not None and (georef is not None or tiling.windows is not None):
             width, height = size
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image too large (possible decompression bomb): {width}x{height} = "
                     f"{width * height:,} pixels exceeds the limit of {max_pixels:,}"
                 )
-            source = Source(width, height, georef, plan.windows(width, height), raster=True)
+            source = Source(width, height, georef, tiling, raster=True)
             return source, _raster_pieces(fs, path, source)
     decoded = decode_image(storage.read_bytes(fs, path), max_pixels=max_pixels)
     tile = rasters.xyz_tile(relpath)
     georef = rasters.xyz_georef(*tile, decoded.width, decoded.height) if tile is not None else None
-    source = Source(decoded.width, decoded.height, georef, plan.windows(decoded.width, decoded.height), False)
+    tiling = plan.tiling(decoded.width, decoded.height, georef)
+    source = Source(decoded.width, decoded.height, georef, tiling, raster=False)
 
     def pil_pieces() -> Iterator[Piece]:
         rgb = np.asarray(decoded.image)

@@ -59,8 +59,9 @@ polygons of every image are, per `source`, those of the latest run (run ids sort
 polygon's `source` names all its images ("a.png|b.png"), and is current when its run is the latest of
 each of them. The whole directory reads as one table, with `run` and `cell` columns from the paths:
 `geopandas.read_parquet(DEST/vectors)` or `pyarrow.dataset.dataset(DEST/vectors, partitioning="hive")`.
-A run's partition is complete once its run summary is written; a retried merge rewrites the same names
-and removes any cell file it no longer makes.
+Every polygon also carries its `run_id`, `model_id` and `ontology_hash` as columns (from its pieces), so
+a file copied out of the dataset still says what made it. A run's partition is complete once its run
+summary is written; a retried merge rewrites the same names and removes any cell file it no longer makes.
 """
 
 from __future__ import annotations
@@ -82,11 +83,13 @@ from textseg import storage
 from textseg.image.rasters import lazy_import
 from textseg.labels.vectors import (
     MERGE_SNAP_DEGREES,
+    PROVENANCE_COLUMNS,
     RECORD_COLUMNS,
     VectorSettings,
     filter_by_area,
     merge_across_borders,
     read_geoparquet,
+    repair_records,
     write_geoparquet,
 )
 from textseg.outputs.state import MapFn
@@ -267,7 +270,8 @@ class _Merge:
     def stage_part(self, name: str) -> Staged:
         """Step 1: one piece file of the write or scene stage -> its level-0 cells."""
         fs, root = self._scratch()
-        records = _read_records(fs, f"{root}/{VECTOR_PARTS}/{name}")
+        # Unusable geometry (no finite lon/lat, nothing valid left) has no place on the grid: dropped here.
+        records = repair_records(_read_records(fs, f"{root}/{VECTOR_PARTS}/{name}"))
         return self._stage(fs, records, 0, posixpath.splitext(name)[0])
 
     def spread_big(self, item: tuple[int, str, tuple[Cell, ...]]) -> Staged:
@@ -301,7 +305,8 @@ class _Merge:
                 vectors_uri(self.dest, self.run_id), self.storage_options
             )
             path = f"{out_root}/cell={cell_name(level, cell)}/{PART_NAME}"
-            write_geoparquet([{k: r[k] for k in RECORD_COLUMNS} for r in polygons], out_fs, path)
+            columns = (*RECORD_COLUMNS, *PROVENANCE_COLUMNS)
+            write_geoparquet([{k: r.get(k) for k in columns} for r in polygons], out_fs, path)
         if level == self.grid.top:
             return len(polygons), Staged(level + 1)
         return len(polygons), self._stage(fs, moving, level + 1, f"c-{cell_name(level, cell)}")
@@ -361,6 +366,7 @@ STAGING_SCHEMA = pa.schema(
         ("area_m2", pa.float64()),
         ("source", pa.string()),
         ("geometry", pa.binary()),
+        *((name, pa.string()) for name in PROVENANCE_COLUMNS),
         (HOME, pa.bool_()),
     ]
 )
@@ -368,7 +374,8 @@ STAGING_SCHEMA = pa.schema(
 
 def _write_staging(fs: fsspec.AbstractFileSystem, path: str, records: Sequence[dict[str, Any]]) -> None:
     shapely = lazy_import("shapely")
-    columns: dict[str, list[Any]] = {name: [r[name] for r in records] for name in STAGING_SCHEMA.names}
+    # .get: pieces parked by an older version (a killed run merged later) have no provenance columns.
+    columns: dict[str, list[Any]] = {name: [r.get(name) for r in records] for name in STAGING_SCHEMA.names}
     columns["geometry"] = shapely.to_wkb(np.array(columns["geometry"], dtype=object)).tolist()
     buffer = io.BytesIO()
     pq.write_table(pa.table(columns, schema=STAGING_SCHEMA), buffer)

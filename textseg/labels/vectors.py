@@ -3,7 +3,10 @@
 A georeferenced label mask becomes one record per connected region of one class:
 
     {"class": "building", "class_index": 1, "score": 0.83, "area_m2": 412.7, "source": "15/17602/10746.png",
-     "geometry": <shapely Polygon in EPSG:4326, lon/lat>}
+     "geometry": <shapely Polygon in EPSG:4326, lon/lat>,
+     "run_id": "20250101T000000Z-a1b2c3", "model_id": "clipseg@3f2a...", "ontology_hash": "9c1e..."}
+
+(run_id, model_id, ontology_hash: the run, model and ontology that made the polygon, from `VectorSettings`.)
 
 How, and why each choice:
 
@@ -13,8 +16,13 @@ How, and why each choice:
   (a courtyard in a building, an island in a lake). Class 0 (background) and 255 (no-data) are not traced.
 - Simplification happens in pixel space, with the tolerance in pixels (global or per class): a model's
   edge error is measured in pixels whatever the ground resolution, so one tolerance (1 px removes the
-  staircase) suits 30 cm scenes and zoom-15 tiles alike. The block is simplified as a coverage (every
-  region, background and no-data included; GEOS's topology-preserving coverage simplifier,
+  staircase) suits 30 cm scenes and zoom-15 tiles alike. A class may instead give its tolerance in metres
+  on the ground (`simplify_m`, the ontology key): it is turned into pixels with the image's metres per
+  pixel at its centre (`metres_per_pixel`: a pixel step measured on the WGS84 ellipsoid, so a Web
+  Mercator tile at 60 N gets half its nominal size; the pixel size for a CRS in metres PROJ cannot
+  place), the same as that tolerance in the CRS's units before reprojection. Where no metric scale
+  exists the class's pixel tolerance is used and a note says so. The block is simplified as a coverage
+  (every region, background and no-data included; GEOS's topology-preserving coverage simplifier,
   `shapely.coverage_simplify`): a border two regions share is simplified once, so neighbours never gain
   gaps or overlaps, holes survive, and the block's own outline (the window or tile border) is kept
   exactly, so pieces of an object cut by that border still meet edge to edge for `merge_across_borders`.
@@ -28,13 +36,22 @@ How, and why each choice:
   with exterior rings counter-clockwise and holes clockwise (RFC 7946's right-hand rule).
 - Areas are geodesic, on the WGS84 ellipsoid (`pyproj.Geod`), in square metres. Never in the mask's CRS
   units: a Web Mercator "square metre" at 60 N is a quarter of a real one.
-- `min_area_m2` then drops specks (global or per class), measured on the simplified polygon.
+- `min_area_m2` then drops specks (global or per class, the ontology's per-class minimum mapping unit),
+  measured on the simplified polygon.
+- Geometry that cannot be trusted is never passed on. A CRS that cannot be reprojected to lon/lat (a
+  local engineering CRS), or a raster outside its CRS's domain (a UTM scene placed far from its zone,
+  where PROJ gives inf or lon/lat that do not map back: `GeoRef.wgs84_transformer`), raises
+  `VectorError`: the image keeps its mask, and only its polygons are missing. Of the polygons made, one
+  with a corner without finite lon/lat is left out, and an invalid one (a self-touching ring after
+  reprojection, a ring collapsed to a line) is repaired (`shapely.make_valid`, polygonal parts only) or
+  left out when nothing polygonal remains; a note says so (`notes`).
 - score: the mean of the class's score over the region's pixels, when scores are given.
 
 Large scenes are vectorised per block (with `GeoRef.window_georef`), and XYZ tiles per tile; a building
 cut by a block or tile border comes out in pieces, which `merge_across_borders` joins (`filter_by_area`
 then applies the area filter to whole objects). `write_geoparquet` writes records as GeoParquet (with its
-`geo` metadata) through fsspec, atomically; `read_geoparquet` reads them back.
+`geo` metadata) through fsspec, atomically; `read_geoparquet` reads them back. `merge_across_borders`
+repairs or drops bad geometry itself (`repair_records`), so no piece can stop a merge.
 
 rasterio, shapely, pyproj and geopandas are the optional `geo` extra, imported at first use.
 """
@@ -43,17 +60,21 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
+import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from textseg.image.rasters import WGS84, GeoRef, lazy_import
+from textseg.image.rasters import WGS84, GeoError, GeoRef, lazy_import
 from textseg.image.windows import SCORE_LEVELS
 from textseg.storage import read_bytes, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 BACKGROUND = 0
 NODATA = 255
@@ -64,6 +85,14 @@ MERGE_SNAP_DEGREES = 1e-8
 SOURCES_SEPARATOR = "|"  # a merged record's `source`: its pieces' sources, sorted, joined by this
 
 RECORD_COLUMNS = ("class", "class_index", "score", "area_m2", "source", "geometry")
+# What made each polygon (strings, null when unknown): written after RECORD_COLUMNS by write_geoparquet.
+PROVENANCE_COLUMNS = ("run_id", "model_id", "ontology_hash")
+MAX_LATITUDE = 90.0
+NO_POLYGONS = "no polygons"  # how `image_polygons` begins the note of an image whose polygons failed
+
+
+class VectorError(ValueError):
+    """An image's polygons cannot be made at all (its CRS has no way to lon/lat); the mask is unaffected."""
 
 
 @dataclass(frozen=True)
@@ -77,16 +106,31 @@ class VectorSettings:
     simplify_tolerance: Mapping[int, float] | float = 0.0
     # Square metres on the ground (geodesic); polygons smaller than this after simplification are dropped.
     min_area_m2: Mapping[int, float] | float = 0.0
+    # Metres on the ground, per class (the ontology's `simplify_m`): a class listed here is simplified by
+    # this distance, converted to pixels per image (`metres_per_pixel`), instead of simplify_tolerance.
+    simplify_m: Mapping[int, float] = field(default_factory=dict)
+    # Copied into every record (PROVENANCE_COLUMNS); None leaves the column null.
+    run_id: str | None = None
+    model_id: str | None = None
+    ontology_hash: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("simplify_tolerance", "min_area_m2"):
+        for name in ("simplify_tolerance", "min_area_m2", "simplify_m"):
             value = getattr(self, name)
             values = value.values() if isinstance(value, Mapping) else [value]
-            if any(not v >= 0 for v in values):
-                raise ValueError(f"{name} must be >= 0 (globally or per class), got {value!r}")
+            if any(not 0 <= v < math.inf for v in values):
+                raise ValueError(f"{name} must be finite and >= 0 (globally or per class), got {value!r}")
 
-    def tolerance_for(self, class_index: int) -> float:
+    def tolerance_for(self, class_index: int, metres_per_pixel: float | None = None) -> float:
+        """The class's simplification tolerance in pixels of an image with `metres_per_pixel` (None: not
+        known, so a tolerance in metres cannot be used and the pixel tolerance applies)."""
+        if class_index in self.simplify_m and metres_per_pixel:
+            return float(self.simplify_m[class_index]) / metres_per_pixel
         return _per_class(self.simplify_tolerance, class_index)
+
+    @property
+    def provenance(self) -> dict[str, str | None]:
+        return {"run_id": self.run_id, "model_id": self.model_id, "ontology_hash": self.ontology_hash}
 
     def min_area_for(self, class_index: int) -> float:
         return _per_class(self.min_area_m2, class_index)
@@ -99,6 +143,7 @@ def polygons_from_labels(
     scores: np.ndarray | None,
     source: str,
     settings: VectorSettings,
+    notes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per 4-connected region of each class in `labels` (record layout: module docstring).
 
@@ -107,13 +152,17 @@ def polygons_from_labels(
     scores: (len(class_names), H, W) float in [0, 1] or uint8 0..255 (`windows.quantize_scores`), row k the
     score of class k (the layout of `postprocess.class_scores`), or None (then every score is None).
     source: what the records came from (a relpath or URI), copied into each. Records are ordered by class,
-    then by position (top to bottom).
+    then by position (top to bottom). notes: when given, receives a sentence for each thing left out or
+    approximated (polygons without finite lon/lat, repaired geometry, a metre tolerance used in pixels),
+    for the image's metadata row. Raises VectorError when the CRS cannot be reprojected to lon/lat.
     """
     features = lazy_import("rasterio.features")
     shapely = lazy_import("shapely")
     _check_inputs(labels, georef, class_names, scores)
     if not ((labels != BACKGROUND) & (labels != NODATA)).any():
         return []
+    to_wgs84 = _checked_transformer(georef)
+    notes = [] if notes is None else notes
     with warnings.catch_warnings():  # pixel space: an identity transform is intended, not a mistake
         warnings.simplefilter("ignore", lazy_import("rasterio.errors").NotGeoreferencedWarning)
         # Every region, background and no-data too: together they cover the block (see _simplify_coverage).
@@ -123,10 +172,13 @@ def polygons_from_labels(
         mean_scores = _region_mean_scores(regions, classes, labels, scores) if scores is not None else None
     traced = (classes != BACKGROUND) & (classes != NODATA)
     order = np.flatnonzero(traced)[np.argsort(classes[traced], kind="stable")]  # by class, then position
-    geometries = _pixels_to_wgs84(_simplify_coverage(regions, classes, settings)[order], georef)
+    metres_per_pixel = _metres_per_pixel_if_needed(georef, classes[traced], settings, notes)
+    simplified = _simplify_coverage(regions, classes, settings, metres_per_pixel)
+    geometries = _pixels_to_wgs84(simplified[order], georef, to_wgs84)
+    repaired = repair_geometries(geometries, notes, _crs_name(georef.crs))
     records = []
-    for i, geometry in zip(order.tolist(), geometries, strict=True):
-        if geometry is None or geometry.is_empty:
+    for i, geometry in zip(order.tolist(), repaired, strict=True):
+        if geometry is None:
             continue
         class_index = int(classes[i])
         geometry = shapely.geometry.polygon.orient(geometry, sign=1.0)
@@ -141,9 +193,108 @@ def polygons_from_labels(
                 "area_m2": area,
                 "source": source,
                 "geometry": geometry,
+                **settings.provenance,
             }
         )
     return records
+
+
+def image_polygons(
+    labels: np.ndarray,
+    georef: GeoRef,
+    class_names: list[str],
+    scores: np.ndarray | None,
+    source: str,
+    settings: VectorSettings,
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """`polygons_from_labels` for the pipeline (an image, or a block of a scene): never raises. When no
+    polygons can be made, [] and a note "no polygons: <why>" (an unexpected failure is logged with its
+    traceback too): the image keeps its mask and its row, and the other images their polygons."""
+    try:
+        return polygons_from_labels(labels, georef, class_names, scores, source, settings, notes)
+    except VectorError as err:
+        notes.append(f"{NO_POLYGONS}: {err}")
+    except Exception as err:  # noqa: BLE001 - polygons are an extra: never worth the mask or the run
+        notes.append(f"{NO_POLYGONS}: {type(err).__name__}: {err}")
+        log.warning("vectors: no polygons for %r", source, exc_info=True)
+    return []
+
+
+def metres_per_pixel(georef: GeoRef) -> float | None:
+    """Metres on the ground per pixel at the raster's centre, or None when the CRS gives no metric scale.
+
+    The pixel step along each axis is measured on the WGS84 ellipsoid (so Web Mercator tiles, lon/lat
+    grids and any projection get their true size; `GeoRef.ground_sample_distance`), falling back to the
+    pixel size for a CRS in metres that PROJ cannot place (a local grid, a scene outside its UTM zone).
+    """
+    return georef.ground_sample_distance()
+
+
+def repair_geometries(
+    geometries: np.ndarray, notes: list[str] | None = None, where: str = "EPSG:4326"
+) -> list[Any]:
+    """Each lon/lat geometry usable as it is, repaired, or None (left out), with a note on what was done.
+
+    Left out: a corner without finite coordinates or with |latitude| > 90 (what PROJ returns for points
+    outside a projection's domain), or nothing polygonal left after repair. Repaired: an invalid geometry
+    (self-intersection, a ring collapsed below 4 points) through `shapely.make_valid` (its "structure"
+    method, which keeps only polygonal parts; exterior rings then counter-clockwise, RFC 7946). Kept:
+    valid geometries, the same objects. `where` names the coordinates' origin in the note.
+    """
+    shapely = lazy_import("shapely")
+    geometries = np.asarray(geometries, dtype=object)
+    if len(geometries) == 0:
+        return []
+    missing = np.array([g is None for g in geometries])
+    present = np.where(missing, shapely.Polygon(), geometries)
+    coordinates, owner = shapely.get_coordinates(present, return_index=True)
+    bad_corner = ~np.isfinite(coordinates).all(axis=1) | (np.abs(coordinates[:, 1]) > MAX_LATITUDE)
+    outside = np.bincount(owner[bad_corner], minlength=len(geometries)) > 0
+    usable = ~missing & ~outside & ~shapely.is_empty(present)
+    invalid = np.zeros(len(geometries), dtype=bool)
+    invalid[usable] = ~shapely.is_valid(present[usable])
+    out: list[Any] = [None] * len(geometries)
+    repaired = dropped = 0
+    for i in np.flatnonzero(usable).tolist():
+        if not invalid[i]:
+            out[i] = present[i]
+            continue
+        fixed = _polygonal(shapely.make_valid(present[i], method="structure", keep_collapsed=False))
+        if fixed is None:
+            dropped += 1
+        else:
+            out[i], repaired = fixed, repaired + 1
+    if notes is not None:
+        if outside.any():
+            notes.append(
+                f"polygons left out: corners with no finite longitude and latitude (outside the domain "
+                f"of {where})"
+            )
+        if dropped:
+            notes.append("polygons left out: invalid geometry with no polygonal part left after repair")
+        if repaired:
+            notes.append("polygons repaired: invalid geometry made valid (polygonal parts kept)")
+    return out
+
+
+def repair_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records whose geometry is usable (`repair_geometries`): valid ones unchanged (the same dicts),
+    repaired ones as copies with their area re-measured, the rest left out (and logged)."""
+    if not records:
+        return []
+    notes: list[str] = []
+    geometries = repair_geometries(np.array([r["geometry"] for r in records], dtype=object), notes)
+    kept = []
+    for record, geometry in zip(records, geometries, strict=True):
+        if geometry is None:
+            continue
+        if geometry is not record["geometry"]:
+            record = {**record, "geometry": geometry, "area_m2": geodesic_area_m2(geometry)}
+        kept.append(record)
+    if notes:
+        log.warning("vectors: %s (%d of %d pieces kept)", "; ".join(notes), len(kept), len(records))
+    return kept
 
 
 def merge_across_borders(
@@ -163,10 +314,15 @@ def merge_across_borders(
     "|" (`SOURCES_SEPARATOR`), so the column stays one string per row. Order: unchanged records first, in
     input order, then merged ones by class. Pieces should come without an area filter (`filter_by_area`
     after merging), or a sliver of an object beyond a border is lost before it can join.
+    Bad geometry never stops a merge: pieces are first passed through `repair_records` (invalid ones
+    repaired, unusable ones left out), a union that comes out invalid is repaired the same way, and a
+    group whose union GEOS still cannot compute is kept as its separate pieces (logged). Every geometry
+    returned is valid.
     """
     shapely = lazy_import("shapely")
     if snap_degrees <= 0:
         raise ValueError(f"snap_degrees must be > 0, got {snap_degrees}")
+    records = repair_records(records)
     kept: list[int] = []
     merged: list[dict[str, Any]] = []
     by_class: dict[int, list[int]] = {}
@@ -175,14 +331,22 @@ def merge_across_borders(
     for class_index in sorted(by_class):
         members = by_class[class_index]
         geometries = np.array([records[i]["geometry"] for i in members], dtype=object)
-        grown = shapely.buffer(geometries, snap_degrees, join_style="mitre")
+        grown = _grown(geometries, snap_degrees)
         for group in _touching_groups(grown):
             if len(group) == 1:
                 kept.append(members[group[0]])
                 continue
             pieces = [records[members[j]] for j in group]
-            union = shapely.buffer(shapely.union_all(grown[group]), -snap_degrees, join_style="mitre")
-            merged.extend(_merged_records(pieces, union))
+            try:
+                union = shapely.buffer(shapely.union_all(grown[group]), -snap_degrees, join_style="mitre")
+                if not union.is_valid:  # the shrink can pinch a ring into crossing itself
+                    union = _polygonal(shapely.make_valid(union, method="structure", keep_collapsed=False))
+                if union is None:
+                    raise shapely.errors.GEOSException("the union of the pieces has no valid polygon")
+                merged.extend(_merged_records(pieces, union))
+            except shapely.errors.GEOSException as err:
+                log.warning("vectors: %d pieces of class %d kept apart: %s", len(group), class_index, err)
+                kept.extend(members[j] for j in group)
     return [records[i] for i in sorted(kept)] + merged
 
 
@@ -199,7 +363,8 @@ def write_geoparquet(records: Sequence[dict[str, Any]], fs: fsspec.AbstractFileS
     """Write records as one GeoParquet file (CRS EPSG:4326, `geo` metadata) at `path`, atomically.
 
     Columns: class (string), class_index (int32), score (float64, null when absent), area_m2 (float64),
-    source (string), geometry (WKB), then any extra keys the records carry, in first-seen order. No
+    source (string), geometry (WKB), run_id, model_id, ontology_hash (string, null when a record lacks
+    them: PROVENANCE_COLUMNS), then any extra keys the records carry, in first-seen order. No
     records still make a valid file with those columns. The file is built in memory (vectors are small
     next to the imagery) and published with `storage.write_bytes_atomic`, so readers never see half of it.
     Any GeoParquet reader opens it: GeoPandas, GDAL/OGR (pyogrio), DuckDB, QGIS.
@@ -210,7 +375,8 @@ def write_geoparquet(records: Sequence[dict[str, Any]], fs: fsspec.AbstractFileS
         missing = [column for column in RECORD_COLUMNS if column not in record]
         if missing:
             raise ValueError(f"a vector record lacks {missing}; records come from polygons_from_labels")
-    extra = list(dict.fromkeys(key for record in records for key in record if key not in RECORD_COLUMNS))
+    known = (*RECORD_COLUMNS, *PROVENANCE_COLUMNS)
+    extra = list(dict.fromkeys(key for record in records for key in record if key not in known))
     columns: dict[str, Any] = {
         "class": pandas.Series([r["class"] for r in records], dtype="string"),
         "class_index": pandas.Series([r["class_index"] for r in records], dtype="int32"),
@@ -219,13 +385,14 @@ def write_geoparquet(records: Sequence[dict[str, Any]], fs: fsspec.AbstractFileS
         ),
         "area_m2": pandas.Series([r["area_m2"] for r in records], dtype="float64"),
         "source": pandas.Series([r["source"] for r in records], dtype="string"),
+        **{key: pandas.Series([r.get(key) for r in records], dtype="string") for key in PROVENANCE_COLUMNS},
     }
     for key in extra:
         columns[key] = pandas.Series([r.get(key) for r in records])
     frame = geopandas.GeoDataFrame(
         columns, geometry=geopandas.GeoSeries([r["geometry"] for r in records], crs=WGS84), crs=WGS84
     )
-    frame = frame[["class", "class_index", "score", "area_m2", "source", "geometry", *extra]]
+    frame = frame[[*RECORD_COLUMNS, *PROVENANCE_COLUMNS, *extra]]
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     write_bytes_atomic(fs, path, buffer.getvalue())
@@ -258,10 +425,55 @@ def _geod() -> Any:
     return lazy_import("pyproj").Geod(ellps="WGS84")
 
 
-@functools.lru_cache(maxsize=16)
-def _transformer_to_wgs84(crs: str) -> Any:
-    """pyproj's transformer from `crs` to lon/lat; cached, as building one costs about a millisecond."""
-    return lazy_import("pyproj").Transformer.from_crs(crs, WGS84, always_xy=True)
+def _checked_transformer(georef: GeoRef) -> Any:
+    """The georef's transformer to lon/lat (None for lon/lat itself), or VectorError saying why not:
+    a CRS without a way to lon/lat, or a raster outside its CRS's domain (`GeoRef.wgs84_transformer`)."""
+    if georef.crs == WGS84:
+        return None
+    try:
+        return georef.wgs84_transformer()
+    except GeoError as err:
+        raise VectorError(str(err)) from err
+    except Exception as err:  # pyproj's ProjError / CRSError: no operation from this CRS to lon/lat
+        raise VectorError(
+            f"{_crs_name(georef.crs)} cannot be reprojected to EPSG:4326: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _crs_name(crs: str) -> str:
+    """'EPSG:32633', or the name in a WKT ('the CRS "Site grid"'), for notes and errors."""
+    if not crs.lstrip().endswith("]"):
+        return crs
+    name = crs.split('"')[1] if crs.count('"') >= 2 else ""
+    return f'the CRS "{name}"' if name else "the CRS"
+
+
+def _metres_per_pixel_if_needed(
+    georef: GeoRef, classes: np.ndarray, settings: VectorSettings, notes: list[str]
+) -> float | None:
+    """metres_per_pixel when a traced class has a tolerance in metres (a note when there is none)."""
+    if not any(int(k) in settings.simplify_m for k in np.unique(classes)):
+        return None
+    scale = metres_per_pixel(georef)
+    if scale is None:
+        notes.append(
+            f"simplify_m not applied: {_crs_name(georef.crs)} has no metric scale, so polygons were "
+            "simplified by the pixel tolerance"
+        )
+    return scale
+
+
+def _polygonal(geometry: Any) -> Any:
+    """The (multi)polygon in a make_valid result, exterior rings counter-clockwise; None when empty."""
+    shapely = lazy_import("shapely")
+    # get_parts goes one level deep: twice turns a collection holding a multipolygon into polygons.
+    parts = [q for p in shapely.get_parts(geometry) for q in shapely.get_parts(p)]
+    polygons = [p for p in parts if p.geom_type == "Polygon" and not p.is_empty]
+    oriented = [shapely.geometry.polygon.orient(p, sign=1.0) for p in polygons]
+    if not oriented:
+        return None
+    result = oriented[0] if len(oriented) == 1 else shapely.MultiPolygon(oriented)
+    return result if result.is_valid else None
 
 
 def _check_inputs(
@@ -309,14 +521,19 @@ def _region_mean_scores(
     return sums[1:] / np.maximum(counts[1:], 1.0)
 
 
-def _simplify_coverage(regions: np.ndarray, classes: np.ndarray, settings: VectorSettings) -> np.ndarray:
+def _simplify_coverage(
+    regions: np.ndarray, classes: np.ndarray, settings: VectorSettings, metres_per_pixel: float | None
+) -> np.ndarray:
     """Pixel-space regions simplified by their class's tolerance, as one coverage (module docstring).
 
     regions: every region of the block (they tile it exactly); classes: each region's value. Background and
     no-data regions take part, so that the block's outline is the coverage's boundary, which stays intact.
+    metres_per_pixel: the block's scale, for the classes whose tolerance is in metres.
     """
     shapely = lazy_import("shapely")
-    tolerances = np.array([settings.tolerance_for(int(k)) for k in classes], dtype=np.float64)
+    tolerances = np.array(
+        [settings.tolerance_for(int(k), metres_per_pixel) for k in classes], dtype=np.float64
+    )
     traced = (classes != BACKGROUND) & (classes != NODATA)
     wanted = sorted({float(t) for t in tolerances[traced] if t > 0})
     if not wanted:
@@ -336,11 +553,11 @@ def _simplify_coverage(regions: np.ndarray, classes: np.ndarray, settings: Vecto
     return shapely.simplify(simplified, 0.0, preserve_topology=True)
 
 
-def _pixels_to_wgs84(geometries: np.ndarray, georef: GeoRef) -> np.ndarray:
-    """Pixel-space geometries -> lon/lat: the georef's affine transform, then the CRS's reprojection."""
+def _pixels_to_wgs84(geometries: np.ndarray, georef: GeoRef, to_wgs84: Any) -> np.ndarray:
+    """Pixel-space geometries -> lon/lat: the georef's affine transform, then `to_wgs84` (None: none, the
+    CRS is lon/lat). Points outside the CRS's domain come back as inf (`repair_geometries` drops them)."""
     shapely = lazy_import("shapely")
     a, b, c, d, e, f = georef.transform
-    to_wgs84 = None if georef.crs == WGS84 else _transformer_to_wgs84(georef.crs)
 
     def transform(coords: np.ndarray) -> np.ndarray:  # coords: (N, 2) pixel (col, row)
         x = a * coords[:, 0] + b * coords[:, 1] + c
@@ -350,6 +567,22 @@ def _pixels_to_wgs84(geometries: np.ndarray, georef: GeoRef) -> np.ndarray:
         return np.column_stack([x, y])
 
     return shapely.transform(geometries, transform)
+
+
+def _grown(geometries: np.ndarray, snap_degrees: float) -> np.ndarray:
+    """The geometries grown by snap_degrees (mitred); one by one, and a geometry GEOS cannot buffer
+    unchanged, when the whole array fails."""
+    shapely = lazy_import("shapely")
+    try:
+        return shapely.buffer(geometries, snap_degrees, join_style="mitre")
+    except shapely.errors.GEOSException:
+        grown = geometries.copy()
+        for i, geometry in enumerate(geometries):
+            try:
+                grown[i] = shapely.buffer(geometry, snap_degrees, join_style="mitre")
+            except shapely.errors.GEOSException as err:
+                log.warning("vectors: a piece could not be grown for merging, kept as it is: %s", err)
+        return grown
 
 
 def _touching_groups(geometries: np.ndarray) -> list[list[int]]:
@@ -396,6 +629,7 @@ def _merged_records(pieces: list[dict[str, Any]], union: Any) -> list[dict[str, 
                 "area_m2": geodesic_area_m2(polygon),
                 "source": SOURCES_SEPARATOR.join(sorted({m["source"] for m in members or pieces})),
                 "geometry": polygon,
+                **{key: pieces[0].get(key) for key in PROVENANCE_COLUMNS},
             }
         )
     return records
@@ -407,10 +641,14 @@ def read_geoparquet(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, 
     Missing scores (null) come back as None, class_index as int; transient storage errors are retried.
     """
     geopandas = lazy_import("geopandas")
+    pandas = lazy_import("pandas")
     frame = geopandas.read_parquet(io.BytesIO(read_bytes(fs, path)))
     records = frame.to_dict("records")
     for record in records:
         score = record.get("score")
         record["score"] = None if score is None or score != score else float(score)
         record["class_index"] = int(record["class_index"])
+        for key in PROVENANCE_COLUMNS:
+            value = record.get(key)
+            record[key] = None if value is None or value is pandas.NA else str(value)
     return records

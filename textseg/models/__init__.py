@@ -100,6 +100,19 @@ def read_input_spec(ref: ModelRef) -> InputSpec:
     return from_processor_config(processor)
 
 
+def read_model_gsd(ref: ModelRef) -> float | None:
+    """The ground sample distance (metres per pixel) the model was trained at, from `gsd_m` in its
+    `config.json`, or None when it declares none. Georeferenced scenes are windowed so the model sees
+    this scale (`textseg.image.pieces`)."""
+    config = ref.read_json("config.json") or {}
+    value = config.get("gsd_m")
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ModelError(f"model {ref.spec!r}: gsd_m in config.json must be a positive number, got {value!r}")
+    return float(value)
+
+
 def load_model(ref: ModelRef, device: str = "cpu") -> SegmentationBackend:
     """Load the weights on `device` (imports torch and transformers; call it in the model actor).
 

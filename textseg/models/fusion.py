@@ -109,6 +109,9 @@ class FusionConfig:
     embed_dim: int = 64  # width of the pixel/class embeddings whose dot products are the logits
     num_heads: int = 4
     fusion_levels: int = 2  # cross-attention at this many of the coarsest feature maps
+    # Metres per pixel of the training images (from the dataset's dataset.json), or None: georeferenced
+    # scenes are windowed so the model sees this scale (`textseg.image.pieces`).
+    gsd_m: float | None = None
     model_type: str = field(default=MODEL_TYPE, init=False)
 
     def __post_init__(self) -> None:

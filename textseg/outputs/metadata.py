@@ -83,12 +83,18 @@ def metadata_row(
     run_id: str,
     tiling: str = "",
     properties: str = "",
-    notes: str = "",
+    notes: str | Sequence[str] = "",
 ) -> dict[str, Any]:
-    """The one place a metadata row (METADATA_SCHEMA) is shaped, for whole images and assembled scenes."""
+    """The one place a metadata row (METADATA_SCHEMA) is shaped, for whole images and assembled scenes.
+
+    notes: what the caller left out and why ("no polygons: ..."), one sentence or several; the row's own
+    (no WGS84 bounds when the CRS cannot be reprojected) come first, and repeats are dropped.
+    """
     ok = not error
     fractions, means = class_statistics(list(counts), list(score_sums)) if ok else (None, None)
     bounds = georef.bounds if ok and georef is not None else None
+    bounds_wgs84, wgs84_note = _bounds_wgs84(georef) if ok and georef is not None else (None, "")
+    all_notes = [wgs84_note, *([notes] if isinstance(notes, str) else notes)]
     return {
         "source_uri": storage.redact_uri(source_uri),
         "relpath": relpath,
@@ -108,11 +114,20 @@ def metadata_row(
         "duration_ms": elapsed_ms,
         "crs": georef.crs if ok and georef is not None else None,
         "bounds": list(bounds) if bounds is not None else None,
-        "bounds_wgs84": list(georef.bounds_wgs84) if bounds is not None and georef is not None else None,
+        "bounds_wgs84": bounds_wgs84,
         "tiling": tiling or None,
         "source_properties": properties or None,
-        "notes": notes or None,
+        "notes": "; ".join(dict.fromkeys(n for n in all_notes if n)) or None,
     }
+
+
+def _bounds_wgs84(georef: GeoRef) -> tuple[list[float] | None, str]:
+    """(the raster's lon/lat bounds, "") or (None, why not): a CRS PROJ cannot reproject (a local
+    engineering grid) or a raster outside its CRS's domain must not cost the image its row."""
+    try:
+        return list(georef.bounds_wgs84), ""
+    except Exception as err:  # noqa: BLE001 - pyproj's ProjError/CRSError, GeoError: each is a note
+        return None, f"no WGS84 bounds: {type(err).__name__}: {err}"
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:

@@ -27,6 +27,8 @@ from textseg.pipeline.settings import StageSettings
 
 # Columns every row has after decoding besides the listing's, so batches of any mix of rows stack.
 NO_TRANSFORM = (0.0,) * 6
+# The listing's columns that every piece of an image carries on to its metadata row.
+_PASSED_ON = ("source_uri", "relpath", "mask_relpath", "fingerprint", "properties")
 
 
 def decode_stage(batch: Batch, settings: StageSettings) -> Batch:
@@ -49,13 +51,11 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
     out: dict[str, list[Any]] = collections.defaultdict(list)
     secrets = settings.secrets
     for i in range(len(batch["relpath"])):
-        row = {
-            key: batch[key][i] for key in ("source_uri", "relpath", "mask_relpath", "fingerprint", "properties")
-        }
+        row = {key: batch[key][i] for key in _PASSED_ON}
         error = str(batch["error"][i] or "")
         started = time.perf_counter()
         pieces: list[Piece] = []
-        georef, windowed = None, False
+        georef, windowed, tiling = None, False, ""
         if not error:
             try:
                 fs, path = storage.filesystem_for(str(row["source_uri"]), settings.storage_options)
@@ -64,6 +64,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 )
                 pieces = [resized(piece, settings.input_spec) for piece in found]
                 georef, windowed = source.georef, source.windows is not None
+                tiling = source.tiling.describe
                 row["mask_relpath"] = str(row["mask_relpath"]).removesuffix(".png") + source.mask_suffix
             except ImageDecodeError as err:
                 error = str(err)
@@ -79,12 +80,13 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 settings.input_spec,
                 georef=None,
                 windowed=False,
+                tiling=tiling,
                 error=error or "the image has no pixels",
                 elapsed_ms=elapsed,
             )
             continue
         if windowed:
-            _write_manifest(row, pieces, georef, settings, elapsed)
+            _write_manifest(row, pieces, georef, settings, elapsed, tiling)
         for piece in pieces:
             _emit(
                 out,
@@ -93,6 +95,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 settings.input_spec,
                 georef=georef,
                 windowed=windowed,
+                tiling=tiling,
                 error="",
                 elapsed_ms=elapsed / len(pieces),
             )
@@ -107,6 +110,7 @@ def _emit(
     *,
     georef: GeoRef | None,
     windowed: bool,
+    tiling: str,
     error: str,
     elapsed_ms: float,
 ) -> None:
@@ -122,6 +126,7 @@ def _emit(
     out["nodata"].append(np.packbits(piece.nodata.ravel()).tobytes() if has_nodata else b"")  # type: ignore[union-attr]
     out["crs"].append(georef.crs if georef else "")
     out["transform"].append(georef.transform if georef else NO_TRANSFORM)
+    out["tiling"].append(tiling)
     out["error"].append(error)
     out["elapsed_ms"].append(elapsed_ms)
 
@@ -132,6 +137,7 @@ def _write_manifest(
     georef: GeoRef | None,
     settings: StageSettings,
     elapsed_ms: float,
+    tiling: str,
 ) -> None:
     fs, root = storage.filesystem_for(settings.scratch_uri, settings.storage_options)
     scene_width = max(p.window.x1 for p in pieces)

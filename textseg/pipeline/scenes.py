@@ -31,7 +31,7 @@ from textseg.image import rasters
 from textseg.image.rasters import GeoRef
 from textseg.image.windows import Window, blend, grid_windows, quantize_scores
 from textseg.labels.vector_merge import VECTOR_PARTS
-from textseg.labels.vectors import polygons_from_labels, write_geoparquet
+from textseg.labels.vectors import NO_POLYGONS, image_polygons, write_geoparquet
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
 from textseg.pipeline.batches import report_failure
@@ -154,6 +154,7 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
         run_id=settings.run_id,
         tiling=manifest.tiling,
         properties=manifest.properties,
+        notes=[storage.redact(note, secrets) for note in blender.notes],
     )
 
 
@@ -189,6 +190,7 @@ class _SceneBlender:
         self.score_sums = [0.0] * len(settings.class_names)
         self.model_ms = 0.0
         self.polygons: list[dict[str, Any]] = []
+        self.notes: list[str] = []  # what the scene's ok row lacks, and why (`image_polygons`)
 
     def blocks(self) -> Iterator[tuple[Window, np.ndarray]]:
         """(block, labels (h, w) uint8) for every BLOCK_SIZE block of the scene."""
@@ -219,18 +221,25 @@ class _SceneBlender:
             )
             labels = result.labels.numpy()
             georef = self.manifest.georef
-            if self.settings.vectors is not None and georef is not None:
-                self.polygons += polygons_from_labels(
+            if self.settings.vectors is not None and georef is not None and not self._polygons_failed:
+                self.polygons += image_polygons(
                     labels,
                     georef.window_georef(block),
                     self.settings.class_names,
                     quantize_scores(scores),
                     self.manifest.relpath,
                     self.settings.vectors,
+                    self.notes,
                 )
+                if self._polygons_failed:
+                    self.polygons = []  # all of the scene's polygons or none, never a scene with holes
             self.counts = [a + b for a, b in zip(self.counts, result.class_pixel_count, strict=True)]
             self.score_sums = [a + b for a, b in zip(self.score_sums, result.class_score_sum, strict=True)]
             yield block, labels
+
+    @property
+    def _polygons_failed(self) -> bool:
+        return any(note.startswith(NO_POLYGONS) for note in self.notes)
 
     def _load(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         if window not in self.loaded:
@@ -245,11 +254,20 @@ class _SceneBlender:
 def _write_mask(
     blocks: Iterator[tuple[Window, np.ndarray]], manifest: SceneManifest, settings: StageSettings
 ) -> None:
-    """A tiled GeoTIFF streamed block by block for georeferenced rasters; a PNG otherwise."""
+    """A Cloud Optimized GeoTIFF streamed block by block (palette and class names inside) for
+    georeferenced rasters; a PNG otherwise."""
     fs, root = storage.filesystem_for(settings.dest, settings.storage_options)
     path = storage.join_uri(root, f"masks/{manifest.mask_relpath}")
     if manifest.mask_relpath.endswith(".tif") and manifest.georef is not None:
-        rasters.write_geotiff_mask(fs, path, manifest.georef, blocks, settings.palette, block_size=BLOCK_SIZE)
+        rasters.write_geotiff_mask(
+            fs,
+            path,
+            manifest.georef,
+            blocks,
+            settings.palette,
+            block_size=BLOCK_SIZE,
+            class_names=settings.class_names,
+        )
         return
     labels = np.empty((manifest.height, manifest.width), dtype=np.uint8)
     for block, block_labels in blocks:

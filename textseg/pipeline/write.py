@@ -20,7 +20,7 @@ from textseg.image import rasters
 from textseg.image.rasters import GeoRef
 from textseg.image.windows import Window
 from textseg.labels.vector_merge import VECTOR_PARTS
-from textseg.labels.vectors import polygons_from_labels, write_geoparquet
+from textseg.labels.vectors import image_polygons, write_geoparquet
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
 from textseg.pipeline.batches import Batch, isolate, report_failure, unpack_nodata
@@ -53,16 +53,18 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
             _park_window(batch, i, settings, error)
             continue
         mask_uri = None
+        notes: list[str] = []  # what this image's ok row lacks, and why
         if not error:
             target = f"masks/{batch['mask_relpath'][i]}"
             try:
                 labels = np.frombuffer(batch["labels"][i], dtype=np.uint8).reshape(height, width)
-                _write_mask(dest_fs, storage.join_uri(dest_root, target), labels, georef, settings.palette)
+                mask_path = storage.join_uri(dest_root, target)
+                _write_mask(dest_fs, mask_path, labels, georef, settings.palette, settings.class_names)
                 mask_uri = storage.join_uri(settings.dest, target)
                 if settings.vectors is not None and georef is not None:
                     scores = _scores(batch, i, len(settings.class_names))
-                    polygons += polygons_from_labels(
-                        labels, georef, settings.class_names, scores, str(relpath), settings.vectors
+                    polygons += image_polygons(
+                        labels, georef, settings.class_names, scores, str(relpath), settings.vectors, notes
                     )
             except Exception as err:  # noqa: BLE001 - a failed write is this image's error row
                 error = storage.redact(f"cannot write the mask: {type(err).__name__}: {err}", secrets)
@@ -86,6 +88,7 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                 run_id=settings.run_id,
                 tiling=str(batch["tiling"][i]),
                 properties=str(batch["properties"][i]),
+                notes=[storage.redact(note, secrets) for note in notes],
             )
         )
     if polygons:
@@ -110,10 +113,14 @@ def _georef(batch: Batch, i: int) -> GeoRef | None:
     return GeoRef(crs, transform, int(batch["width"][i]), int(batch["height"][i]))  # type: ignore[arg-type]
 
 
-def _write_mask(fs: Any, path: str, labels: np.ndarray, georef: GeoRef | None, palette: list[int]) -> None:
+def _write_mask(
+    fs: Any, path: str, labels: np.ndarray, georef: GeoRef | None, palette: list[int], class_names: list[str]
+) -> None:
+    """A Cloud Optimized GeoTIFF with palette and class names for georeferenced rasters; a PNG otherwise."""
     if path.endswith(".tif") and georef is not None:
         height, width = labels.shape
-        rasters.write_geotiff_mask(fs, path, georef, [(Window(0, 0, width, height), labels)], palette)
+        blocks = [(Window(0, 0, width, height), labels)]
+        rasters.write_geotiff_mask(fs, path, georef, blocks, palette, class_names=class_names)
     else:
         storage.write_bytes_atomic(fs, path, encode_png_mask(labels, palette))
 

@@ -18,7 +18,7 @@ from textseg import storage
 from textseg.config import ConfigError, JobConfig
 from textseg.image.pieces import WindowPlan
 from textseg.labels.vectors import VectorSettings
-from textseg.models import ModelRef, read_input_spec, resolve_model
+from textseg.models import ModelRef, read_input_spec, read_model_gsd, resolve_model
 from textseg.models.input_spec import InputSpec
 from textseg.ontology import Ontology
 from textseg.outputs.metadata import metadata_dir, new_run_id
@@ -55,10 +55,28 @@ class JobPlan:
 
     @property
     def vector_settings(self) -> VectorSettings | None:
-        """The user's polygon settings (the area filter applies after merging across borders)."""
+        """The user's polygon settings (the area filter applies after merging across borders): the job's
+        tolerance and area, each class's own `min_area_m2`/`simplify_m` from the ontology over them, and
+        what every polygon records (run, model, ontology)."""
         if not self.config.vectors:
             return None
-        return VectorSettings(self.config.vector_simplify, self.config.vector_min_area)
+        classes = dict(enumerate(self.ontology.classes, start=1))
+        min_area = {i: c.min_area_m2 for i, c in classes.items() if c.min_area_m2 is not None}
+        return VectorSettings(
+            self.config.vector_simplify,
+            {i: min_area.get(i, self.config.vector_min_area) for i in classes}
+            if min_area
+            else self.config.vector_min_area,
+            simplify_m={i: c.simplify_m for i, c in classes.items() if c.simplify_m is not None},
+            run_id=self.run_id,
+            model_id=self.model.model_id,
+            ontology_hash=self.ontology.stable_hash(),
+        )
+
+    @property
+    def model_gsd(self) -> float | None:
+        """Metres per pixel the model sees: --gsd, else what the model's config declares (`gsd_m`)."""
+        return self.config.gsd if self.config.gsd is not None else read_model_gsd(self.model)
 
     @property
     def stage_settings(self) -> StageSettings:
@@ -68,7 +86,9 @@ class JobPlan:
             run_id=self.run_id,
             input_spec=self.input_spec,
             max_pixels=self.config.max_image_pixels,
-            window_plan=WindowPlan(self.config.tile_size, self.config.tile_overlap),
+            window_plan=WindowPlan(
+                self.config.tile_size, self.config.tile_overlap, self.input_spec.size, self.model_gsd
+            ),
             class_names=list(self.ontology.class_names),
             palette=list(self.ontology.palette()),
             thresholds=tuple(self.ontology.thresholds),
@@ -114,7 +134,9 @@ def prepare(config: JobConfig) -> JobPlan:
         storage.check_writable(dest_fs, dest_root)
     source_fs, _ = storage.filesystem_for(config.source, config.storage_options)
     exclude = config.dest if type(source_fs) is type(dest_fs) else None
-    shards = plan_shards(config.source, config.storage_options, exclude_prefix=exclude)
+    shards = plan_shards(
+        config.source, config.storage_options, exclude_prefix=exclude, stac_asset=config.stac_asset
+    )
     run_id = new_run_id()
     summary = RunSummary(
         run_id=run_id,

@@ -13,6 +13,7 @@ SOURCE is one of:
 - a glob ('s3://b/raw/**/*.jpg', '/data/*.png'): the image files that match; relpath is relative to the
   glob's folder before its first wildcard.
 - a single image file: relpath is its name.
+- a STAC item, collection, catalog or saved search result (a `.json` file): see `textseg.source.stac`.
 - a manifest, any other file: see `textseg.source.manifests`.
 `exclude_prefix` (a URI, e.g. DEST when it lies inside SOURCE) skips everything under it.
 
@@ -150,10 +151,12 @@ def plan_shards(
     *,
     exclude_prefix: str | None = None,
     target: int = TARGET_SHARDS,
+    stac_asset: str | None = None,
 ) -> list[Shard]:
     """SOURCE checked and described as shards (O(shards) memory; a few folder listings at most).
 
-    Raises ListingError for a missing, forbidden or unreadable SOURCE.
+    Raises ListingError for a missing, forbidden or unreadable SOURCE. `stac_asset`: the asset of each
+    STAC item to label (`textseg.source.stac`).
     """
     fs, path = filesystem_for(source, storage_options)
     display = redact_uri(source)
@@ -168,6 +171,10 @@ def plan_shards(
         return _folder_shards(fs, FolderShard(display, protocol, root, root, True, excluded=excluded), target)
     if is_image_name(path):
         return [FileShard(display, protocol, path)]
+    if path.lower().endswith(".json"):
+        from textseg.source.stac import plan_stac_shards  # pystac is optional (the geo extra)
+
+        return plan_stac_shards(fs, path, display, storage_options, asset=stac_asset, target=target)
     from textseg.source.manifests import plan_manifest_shards  # manifests import this module's types
 
     return plan_manifest_shards(fs, path, display, storage_options, excluded)
@@ -387,12 +394,16 @@ async def _take(pages: Any, count: int) -> list[dict[str, Any]]:
 
 
 def list_images(
-    source: str, storage_options: Mapping[str, Any] | None = None, *, exclude_prefix: str | None = None
+    source: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    exclude_prefix: str | None = None,
+    stac_asset: str | None = None,
 ) -> Iterator[ImageRef]:
     """Every image under SOURCE, shard after shard, in this process: for small jobs, dry runs and tests.
 
     SOURCE is checked when this is called (ListingError), the listing itself streams.
     """
     options = {**split_credentials(source)[1], **(storage_options or {})}  # as JobConfig moves them
-    shards = plan_shards(source, options, exclude_prefix=exclude_prefix)
+    shards = plan_shards(source, options, exclude_prefix=exclude_prefix, stac_asset=stac_asset)
     return itertools.chain.from_iterable(shard.refs(options) for shard in shards)

@@ -14,6 +14,7 @@ show objects at exactly the scale the model will meet (scale augmentation then j
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,19 @@ from textseg.outputs.masks import decode_png_mask
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 ONTOLOGY_FILE = "ontology.yaml"
+DATASET_FILE = "dataset.json"  # optional facts about DATA that no image holds (`gsd_m`)
 READ_THREADS = 8  # object stores answer in tens of ms; a few requests in flight keep decoding busy
+
+
+def read_dataset_gsd(data: str, storage_options: Mapping[str, Any] | None = None) -> float | None:
+    """`gsd_m` from DATA/dataset.json (what `textseg synth` writes: metres per pixel of its images), or
+    None when DATA has no such file."""
+    fs, root = _filesystem(data, storage_options)
+    path = f"{root.rstrip('/')}/{DATASET_FILE}"
+    if not fs.isfile(path):
+        return None
+    value = json.loads(fs.cat_file(path)).get("gsd_m")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 class DatasetError(ValueError):

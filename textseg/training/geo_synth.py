@@ -23,16 +23,20 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import fsspec
 import numpy as np
-import yaml
 from PIL import Image
 
 from textseg.image.rasters import DEFAULT_BLOCK_SIZE, GeoRef, write_geotiff_mask, write_geotiff_rgb, xyz_tile
 from textseg.image.windows import Window, grid_windows
 from textseg.outputs.masks import encode_png_mask
 from textseg.storage import filesystem_for, write_bytes_atomic
-from textseg.training.synth import IMAGE_PNG_COMPRESS_LEVEL, MIN_SIZE, render_scene, synth_ontology
+from textseg.training.synth import (
+    IMAGE_PNG_COMPRESS_LEVEL,
+    MIN_SIZE,
+    render_scene,
+    synth_ontology,
+    write_dataset_files,
+)
 
 XYZ_TILE_SIZE = 256  # the slippy-map standard; retina tiles are 512
 # Rendering cost grows faster than the area (0.8 s at 1024 px, 5 s at 2048 px): 1024 px blocks keep a
@@ -80,7 +84,7 @@ def write_xyz_pyramid(
             write_bytes_atomic(fs, f"{root}/images/{relpath}", _encode_png_rgb(image[window.slices]))
             write_bytes_atomic(fs, f"{root}/masks/{relpath}", encode_png_mask(mask[window.slices], palette))
             relpaths.append(relpath)
-    _write_ontology(fs, root)
+    write_dataset_files(fs, root)
     return relpaths
 
 
@@ -101,9 +105,10 @@ def write_geotiff_scene(
     """Write a georeferenced synthetic scene and its ground truth; return the scene's GeoRef.
 
     Files: DEST/images/<name>, an RGB uint8 GeoTIFF, tiled block_size x block_size, deflate-compressed;
-    DEST/masks/<name>, the class mask as a GeoTIFF on the same grid (`geo.write_geotiff_mask`: palette,
-    nodata 255); DEST/ontology.yaml. Grid: `crs`, top-left corner `origin` (x, y in crs units), square
-    pixels of `pixel_size` crs units, north up (defaults: UTM 33N, 0.5 m, in the Baltic near 54 N).
+    DEST/masks/<name>, the class mask as a GeoTIFF on the same grid (`rasters.write_geotiff_mask`: a
+    COG with palette, class names, nodata 255); DEST/ontology.yaml. Grid: `crs`, top-left corner
+    `origin` (x, y in crs units), square pixels of `pixel_size` crs units, north up (defaults: UTM 33N,
+    0.5 m, in the Baltic near 54 N).
     The scene is rendered in render_block_size blocks (a multiple of block_size), each from
     `default_rng([seed, block_row, block_col])`: a mosaic of independent scenes whose roads do not meet
     at block edges. `distinct_blocks` = N renders only N blocks and fills the scene with them under random
@@ -136,10 +141,17 @@ def write_geotiff_scene(
             yield window, np.frombuffer(zlib.decompress(packed), dtype=np.uint8).reshape(window.shape)
 
     write_geotiff_rgb(fs, f"{root}/images/{name}", georef, image_blocks(), block_size)
+    ontology = synth_ontology()
     write_geotiff_mask(
-        fs, f"{root}/masks/{name}", georef, mask_blocks(), synth_ontology().palette(), block_size
+        fs,
+        f"{root}/masks/{name}",
+        georef,
+        mask_blocks(),
+        ontology.palette(),
+        block_size,
+        class_names=ontology.class_names,
     )
-    _write_ontology(fs, root)
+    write_dataset_files(fs, root)
     return georef
 
 
@@ -174,8 +186,3 @@ def _encode_png_rgb(image: np.ndarray) -> bytes:
         buffer, format="PNG", compress_level=IMAGE_PNG_COMPRESS_LEVEL
     )
     return buffer.getvalue()
-
-
-def _write_ontology(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    text = yaml.safe_dump(synth_ontology().to_dict(), sort_keys=False)
-    write_bytes_atomic(fs, f"{root}/ontology.yaml", text.encode())

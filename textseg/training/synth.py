@@ -21,6 +21,7 @@ a mosaic of `render_tile`s.
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ from PIL import Image, ImageDraw, ImageFilter
 from textseg.ontology import Ontology, from_mapping
 from textseg.outputs.masks import encode_png_mask
 from textseg.storage import filesystem_for, write_bytes_atomic
+from textseg.training.datasets import DATASET_FILE
 
 SYNTH_CLASSES: tuple[str, ...] = ("building", "road", "water", "tree")  # mask values 1..4; 0 = background
 BACKGROUND, BUILDING, ROAD, WATER, TREE = 0, 1, 2, 3, 4
 
 TILE_AREA = 256 * 256  # object densities below are "per 256 x 256 px" and scale with the canvas area
 MIN_SIZE = 32  # smaller canvases cannot hold a house next to a road
+SYNTH_GSD_M = 0.5  # metres per pixel everything is drawn at (module docstring)
 IMAGE_PNG_COMPRESS_LEVEL = 1  # noisy photos barely compress; level 1 is several times faster than 6
 
 T = TypeVar("T")
@@ -117,8 +120,7 @@ def write_synth_dataset(
         raise ValueError(f"the number of tiles must be >= 0, got {n}")
     if size < MIN_SIZE:
         raise ValueError(f"synthetic tiles need at least {MIN_SIZE} px a side, got {size}")
-    ontology = synth_ontology()
-    palette = ontology.palette()
+    palette = synth_ontology().palette()
     fs, root = filesystem_for(dest, storage_options)
     root = root.rstrip("/")
     relpaths = []
@@ -128,9 +130,17 @@ def write_synth_dataset(
         write_bytes_atomic(fs, f"{root}/images/{relpath}", _encode_png_rgb(image))
         write_bytes_atomic(fs, f"{root}/masks/{relpath}", encode_png_mask(mask, palette))
         relpaths.append(relpath)
-    ontology_yaml = yaml.safe_dump(ontology.to_dict(), sort_keys=False)
-    write_bytes_atomic(fs, f"{root}/ontology.yaml", ontology_yaml.encode())
+    write_dataset_files(fs, root)
     return relpaths
+
+
+def write_dataset_files(fs: Any, root: str) -> None:
+    """DEST/ontology.yaml (the classes in mask-index order, usable as `--ontology`) and DEST/dataset.json
+    (`{"gsd_m": SYNTH_GSD_M}`): the ground sample distance everything is drawn at, which `textseg train`
+    records in the model it trains, so georeferenced scenes are later labeled at that scale."""
+    ontology_yaml = yaml.safe_dump(synth_ontology().to_dict(), sort_keys=False)
+    write_bytes_atomic(fs, f"{root}/ontology.yaml", ontology_yaml.encode())
+    write_bytes_atomic(fs, f"{root}/{DATASET_FILE}", json.dumps({"gsd_m": SYNTH_GSD_M}).encode())
 
 
 # --- the canvas and small geometry / noise tools ------------------------------------------------

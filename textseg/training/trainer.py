@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from textseg.models.fusion import DEFAULT_TEXT_MODEL, FusionBackend, FusionConfig
 from textseg.training import losses
-from textseg.training.datasets import LabeledImages, load_labeled_images, split_indices
+from textseg.training.datasets import LabeledImages, load_labeled_images, read_dataset_gsd, split_indices
 from textseg.training.evaluation import miou_report
 
 STATE_JSON = "training_state.json"
@@ -221,7 +221,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             text_model=config.text_model,
             backbone=config.backbone,
             image_size=(config.image_size, config.image_size),
-            **config.model_options,
+            **({"gsd_m": read_dataset_gsd(config.data, config.storage_options)} | dict(config.model_options)),
         )
     )
     backend = FusionBackend(fusion_config, model_id=config.out)
