@@ -17,6 +17,13 @@ from textseg.evaluation import evaluate_folders
 from textseg.training.synth import write_synth_dataset
 
 
+def class_fractions(names: Sequence[str] | None, fractions: Sequence[float] | None) -> str:
+    """A row's `class_pixel_fraction` beside its `class_names`: 'background: 0.712, building: 0.201, ...'."""
+    if names is None or fractions is None:  # an error row has no fractions
+        return "-"
+    return ", ".join(f"{name}: {float(value):.3f}" for name, value in zip(names, fractions, strict=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", help="folder for the tiles and the labels (recreated)")
@@ -47,11 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nmasks:    {labels / 'masks'}/")
     print(f"metadata: {labels / 'metadata'}/  ({len(metadata)} rows)")
     print(f"summary:  {next((labels / 'runs').glob('*.json'))}\n")
-    columns = ["relpath", "status", "width", "height", "class_pixel_fraction", "duration_ms"]
-    with_rounding = metadata[columns].assign(
-        class_pixel_fraction=metadata["class_pixel_fraction"].map(lambda v: [round(float(x), 3) for x in v])
+    columns = ["relpath", "status", "width", "height", "duration_ms", "class_pixel_fraction"]
+    readable = metadata[columns].assign(
+        class_pixel_fraction=[
+            class_fractions(names, fractions)
+            for names, fractions in zip(
+                metadata["class_names"], metadata["class_pixel_fraction"], strict=True
+            )
+        ]
     )
-    print(with_rounding.head(5).to_string(index=False))
+    print(readable.head(5).to_string(index=False))
 
     report = evaluate_folders(str(labels / "masks"), str(tiles / "masks"))
     print("\n" + report.table())

@@ -20,13 +20,15 @@ def run_job(config: JobConfig, runner: Literal["ray", "local"] = "ray") -> RunSu
     plan = prepare(config)
     if config.dry_run:
         from textseg.outputs.state import DoneIndex
+        from textseg.plan.summary import count_problems
         from textseg.plan.work import ListingTally, list_work
 
         tally = ListingTally()
         index = DoneIndex.load(config.dest, config.storage_options)
-        for _ in list_work(plan.shards, plan.work_settings(index, write_tallies=False), tally):
-            pass
+        for work in list_work(plan.shards, plan.work_settings(index, write_tallies=False), tally):
+            count_problems(plan.summary, work)  # e.g. mask-name collisions, which would be error rows
         plan.summary.listed, plan.summary.skipped = tally.listed, tally.skipped
+        plan.summary.known_bad = tally.known_bad
         plan.summary.status = "dry run"
         return plan.summary
     if runner == "ray":

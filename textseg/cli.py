@@ -1,22 +1,28 @@
-"""`textseg label | train | eval | synth`: parse flags into a config and call the library. Nothing else.
+"""`textseg label | errors | train | eval | synth`: parse flags into a config and call the library.
 
 Exit status of `label`: 0 when the run finished and the failed share is at most --max-error-rate, 1 when
-more failed, 2 for a job-level problem (bad option, unknown model, unreachable SOURCE or DEST), with the
-reason on stderr.
+more failed, 2 for a job-level problem (bad option, unknown model, unreachable SOURCE, DEST or Ray cluster,
+resources the cluster cannot provide), with the reason on stderr; 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textseg.config import JobConfig, parse_storage_options
 
+if TYPE_CHECKING:
+    from textseg.plan.summary import RunSummary
+
 EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_JOB_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -50,13 +56,30 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
     )
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on GPU, 8 on CPU)")
     parser.add_argument("--actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
-    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    parser.add_argument(
+        "--ray-address",
+        help="join this Ray cluster: HOST:PORT, ray://HOST:PORT, or auto (the cluster `ray start` started on "
+        "this machine) (default: RAY_ADDRESS, else such a cluster, else a local Ray of the run's own)",
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="end the run when no model actor has got its GPU or CPUs after this long, e.g. GPU nodes "
+        "the autoscaler never adds (default 600)",
+    )
     parser.add_argument("--limit", type=int, help="label at most the first N listed images")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         default=None,
         help="list and count what would be labeled; load no model, write nothing",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="also show Ray's own log lines and Ray Data's block progress (default: textseg's progress only)",
     )
     parser.add_argument(
         "--tile-size",
@@ -110,6 +133,13 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         type=float,
         help="exit non-zero when a larger share of images fails (default 0.01)",
     )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,
+        help="also attempt known-bad images: those whose latest attempt failed for a reason that cannot "
+        "pass while the file is unchanged (bytes that cannot be decoded), which re-runs otherwise skip",
+    )
 
 
 def label_config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -124,21 +154,116 @@ def run_label(config: JobConfig) -> int:
 
     summary = run_job(config)
     if config.dry_run:
+        known_bad = f", known bad {summary.known_bad}" if summary.known_bad else ""
         print(
-            f"dry run: listed {summary.listed}, already done {summary.skipped}, "
-            f"would label {summary.listed - summary.skipped} with model {summary.model_id}"
+            f"dry run: listed {summary.listed}, already done {summary.skipped - summary.known_bad}"
+            f"{known_bad}, would label {summary.listed - summary.skipped} with model {summary.model_id}"
         )
+        if summary.collisions:
+            more = "; ..." if summary.collisions > len(summary.collision_examples) else ""
+            print(
+                f"dry run: {summary.collisions} listed images would share their mask name with another "
+                "image and become error rows (rename one of each group): "
+                + "; ".join(summary.collision_examples)
+                + more
+            )
+        if summary.problems > summary.collisions:
+            print(f"dry run: {summary.problems - summary.collisions} more would become error rows unread")
+        _warn_about(config, summary)
         return EXIT_OK
     print(summary.line())
+    _warn_about(config, summary)
+    if summary.error:
+        from textseg.outputs.metadata import summary_path
+        from textseg.storage import join_uri
+
+        for category, count in summary.top_errors:
+            print(f"  {count} x {summary.error_examples.get(category) or category}")
+        print(
+            f"failed images: `textseg errors {config.dest} --run {summary.run_id}`; "
+            f"run summary: {join_uri(config.dest, summary_path(summary.run_id))}"
+        )
     if summary.status != "succeeded":
         print(f"textseg: {summary.status}", file=sys.stderr)
         return EXIT_TOO_MANY_ERRORS
     return EXIT_OK
 
 
+def _warn_about(config: JobConfig, summary: RunSummary) -> None:
+    """One sentence on stderr for each thing a run (or dry run) did that the user likely did not mean."""
+    from textseg.source.refs import IMAGE_EXTENSIONS
+    from textseg.storage import redact_uri
+
+    if summary.listed == 0:
+        tense = "there is" if config.dry_run else "there was"
+        print(
+            f"textseg: warning: SOURCE {redact_uri(config.source)!r} holds no images (files ending "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}), so {tense} nothing to label",
+            file=sys.stderr,
+        )
+    if config.vectors and summary.without_georeference:
+        print(
+            f"textseg: warning: --vectors: {summary.without_georeference} labeled images had no "
+            "georeference (a GeoTIFF with a CRS, or a z/x/y tile), so no polygons were made for them",
+            file=sys.stderr,
+        )
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a default and its help names none, also to
+    an option without help; options whose default is None (JobConfig's apply later) say theirs in their
+    help text."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _DEFAULT_NAMED.search(text) or not _shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_DEFAULT_NAMED = re.compile(r"\(default\b")
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default  # 0 is a default to show; None, False (a flag) and [] (repeatable) are not
+    unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+    return bool(action.option_strings) and not unset
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its help shows defaults (DefaultsHelpFormatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("textseg")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textseg", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="textseg", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    # Every subcommand's help shows its defaults (`parser_class`: also for subcommands added later).
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_SubcommandParser,
+    )
     label = commands.add_parser(
         "label",
         help="label every image under SOURCE, writing masks + metadata to DEST",
@@ -146,6 +271,15 @@ def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
         "model; write masks, Parquet metadata and a run summary under DEST.",
     )
     add_label_arguments(label)
+
+    errors = commands.add_parser(
+        "errors",
+        help="list the images a run failed on, with the reason (default: the latest run)",
+        description="Print one line per error row of a run in DEST: relpath, a tab, the reason.",
+    )
+    errors.add_argument("dest", metavar="DEST", help="the DEST of `textseg label`")
+    errors.add_argument("--run", dest="run_id", help="run id (default: the latest run under DEST/metadata)")
+    errors.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE")
 
     evaluate = commands.add_parser(
         "eval",
@@ -194,6 +328,23 @@ def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
     )
     synth.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE")
     return parser
+
+
+def run_errors(args: argparse.Namespace) -> int:
+    """`textseg errors DEST`: the failed images of a run, streamed from its metadata parts."""
+    from textseg.outputs.metadata import iter_errors, latest_run
+
+    options = parse_storage_options(args.storage_options)
+    run = args.run_id or latest_run(args.dest, options)
+    if run is None:
+        print(f"textseg: {args.dest} holds no runs", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    count = 0
+    for relpath, reason in iter_errors(args.dest, run, options):
+        print(f"{relpath}\t{reason}")
+        count += 1
+    print(f"{count} failed image(s) in run {run}", file=sys.stderr)
+    return EXIT_OK
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -251,6 +402,17 @@ def _ints(text: str, separator: str, count: int, what: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def interrupted_sentence(err: KeyboardInterrupt) -> str:
+    """What Ctrl-C says: whether the run's summary was written, and how to finish the run."""
+    from textseg.errors import RunInterrupted
+
+    if isinstance(err, RunInterrupted):
+        return (
+            f"interrupted; the run's summary is written (run {err.run_id}); run the same command to finish it"
+        )
+    return "interrupted; run the same command to finish the run"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -258,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "label":
             return run_label(label_config_from_args(args))
+        if args.command == "errors":
+            return run_errors(args)
         if args.command == "eval":
             return run_eval(args)
         if args.command == "synth":
@@ -267,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as err:
         print(f"textseg: {err}", file=sys.stderr)
         return EXIT_JOB_ERROR
+    except KeyboardInterrupt as err:
+        print(f"textseg: {interrupted_sentence(err)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     raise AssertionError(f"unhandled command {args.command}")
 
 

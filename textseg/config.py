@@ -8,6 +8,8 @@ or environment variables on its own. YAML keys are the CLI's long option names (
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,11 +42,14 @@ class JobConfig:
     # None: one model actor per GPU in the cluster, or one CPU actor when there is none.
     actors: int | None = None
     ray_address: str | None = None
+    # Seconds the run waits for a first model actor to get its resources (GPUs an autoscaler is to add).
+    startup_timeout: float = 600.0
     limit: int | None = None
     dry_run: bool = False
     tile_size: int | None = None
     tile_overlap: int = 64
     gsd: float | None = None  # metres per pixel the model was trained at; None: the model's `gsd_m`
+    verbose: bool = False  # Ray's own log lines and block progress too
     vectors: bool = False  # also write polygons per class as GeoParquet (georeferenced images only)
     # 1 px removes the pixel staircase whatever the ground resolution; 0 keeps exact pixel outlines.
     vector_simplify: float = 1.0
@@ -56,6 +61,9 @@ class JobConfig:
     max_image_pixels: int = 40_000 * 40_000
     # The asset of each STAC item to label; None: `visual`, else the item's only image or data asset.
     stac_asset: str | None = None
+    # Attempt images whose latest attempt failed for a reason that cannot pass while the file is
+    # unchanged (known bad: undecodable bytes), which an incremental run otherwise skips.
+    retry_errors: bool = False
 
     def __post_init__(self) -> None:
         if not self.source or not self.dest:
@@ -80,7 +88,20 @@ class JobConfig:
             raise ConfigError("--vector-simplify and --vector-min-area must be >= 0")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"--max-error-rate {self.max_error_rate} is outside [0, 1]")
+        if not self.startup_timeout > 0:
+            raise ConfigError(
+                f"--startup-timeout must be a positive number of seconds, got {self.startup_timeout}"
+            )
+        if not isinstance(self.storage_options, Mapping):
+            raise ConfigError(
+                "storage options must be a mapping (YAML `storage_options:`) or KEY=VALUE strings "
+                f"(`--storage-option`, YAML `storage-option:`), got {type(self.storage_options).__name__}"
+            )
         self._move_uri_credentials_into_storage_options()
+        # A local DEST is kept absolute: mask_uri values in the metadata must not depend on the working
+        # directory of the run (`textseg train DEST` from another folder, Ray workers elsewhere).
+        if _is_local_path(self.dest):
+            object.__setattr__(self, "dest", os.path.abspath(os.path.expanduser(self.dest)))
 
     def _move_uri_credentials_into_storage_options(self) -> None:
         """`s3://KEY:SECRET@bucket/...` works, but the secret must live on only in storage_options, which
@@ -109,30 +130,71 @@ class JobConfig:
 _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 
 
+def _is_local_path(uri: str) -> bool:
+    """A plain local path (no `proto://`, no fsspec chain `a::b`); `file://` URIs are absolute already."""
+    return "://" not in uri and "::" not in uri
+
+
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
     """`KEY=VALUE` strings -> fsspec storage options; dotted keys nest (`client_kwargs.endpoint_url=...`).
 
     Values `true`/`false` become booleans, so `anon=true` works as users expect, and numbers become int or
     float (`config_kwargs.read_timeout=5`, `config_kwargs.retries.max_attempts=3`: botocore compares them
-    with numbers and fails on strings). Secret values (`secret=1234...`) stay strings for redaction.
+    with numbers and fails on strings). A value starting with `{` or `[` is read as JSON
+    (`client_kwargs={"endpoint_url": "http://..."}`). Secret values (`secret=1234...`) stay strings for
+    redaction. A malformed pair is a ConfigError that never repeats the value (it may be a secret).
     """
     options: dict[str, Any] = {}
     for pair in pairs or []:
+        if not isinstance(pair, str):
+            kind = type(pair).__name__
+            raise ConfigError(f"--storage-option expects KEY=VALUE strings, got a value of type {kind}")
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--storage-option expects KEY=VALUE, got {pair.split('=')[0]!r}...")
         *parents, leaf = key.split(".")
+        if "" in (*parents, leaf):
+            raise ConfigError(f"--storage-option {key!r}: a dotted key needs a name between every two dots")
         nested: dict[str, Any] = {leaf: value}
         for parent in reversed(parents):
             nested = {parent: nested}
         parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
-        if parsed is value and _NUMBER.fullmatch(value) and not secret_values(nested):
+        secret = bool(secret_values(nested))
+        if parsed is value and _NUMBER.fullmatch(value) and not secret:
             parsed = int(value) if value.lstrip("+-").isdigit() else float(value)
+        elif value.lstrip().startswith(("{", "[")) and not secret:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"--storage-option {key}: the value starts like JSON but is not valid JSON "
+                    f"({err.msg} at character {err.pos})"
+                ) from None
         target = options
-        for parent in parents:
+        for depth, parent in enumerate(parents):
             target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ConfigError(
+                    f"--storage-option {key}: {'.'.join(parents[: depth + 1])!r} already has a value, "
+                    "so it cannot also hold nested options"
+                )
+        if isinstance(target.get(leaf), dict) and isinstance(parsed, dict):
+            parsed = _merged(target[leaf], parsed)
+        elif isinstance(target.get(leaf), dict):
+            raise ConfigError(f"--storage-option {key}: {key!r} already holds nested options")
         target[leaf] = parsed
     return options
+
+
+def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested option mappings merged, `top` winning on conflicts."""
+    merged = dict(base)
+    for key, value in top.items():
+        old = merged.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            value = _merged(old, value)
+        merged[key] = value
+    return merged
 
 
 _NUMBER = re.compile(r"[+-]?(\d+|\d*\.\d+|\d+\.\d*)([eE][+-]?\d+)?")
@@ -141,11 +203,10 @@ _NUMBER = re.compile(r"[+-]?(\d+|\d*\.\d+|\d+\.\d*)([eE][+-]?\d+)?")
 def from_mapping(values: Mapping[str, Any]) -> JobConfig:
     """Build a JobConfig from option names with dashes or underscores; unknown keys are an error."""
     normalized = {str(k).replace("-", "_"): v for k, v in values.items() if v is not None}
-    unknown = sorted(set(normalized) - _FIELDS)
+    unknown = sorted(set(normalized) - _FIELDS - {_FLAG_STORAGE_OPTION})
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(_FIELDS)}")
-    if isinstance(normalized.get("storage_options"), list):
-        normalized["storage_options"] = parse_storage_options(normalized["storage_options"])
+    _collect_storage_options(normalized)
     if isinstance(normalized.get("prompts"), list):
         normalized["prompts"] = ",".join(normalized["prompts"])
     try:
@@ -154,8 +215,34 @@ def from_mapping(values: Mapping[str, Any]) -> JobConfig:
         raise ConfigError(str(err)) from err
 
 
+# `storage-option:` in a job YAML, spelt as the flag: KEY=VALUE strings (`storage_options:` is a mapping).
+_FLAG_STORAGE_OPTION = "storage_option"
+
+
+def _collect_storage_options(normalized: dict[str, Any]) -> None:
+    """In place: `storage_options` (a mapping, or KEY=VALUE strings as `--storage-option` collects them)
+    and `storage_option` (KEY=VALUE strings, one or a list, as written on the command line) -> one
+    `storage_options` mapping, the KEY=VALUE strings winning where both set a key."""
+    as_flag = normalized.pop(_FLAG_STORAGE_OPTION, None)
+    options = normalized.get("storage_options")
+    if isinstance(options, str | list):
+        options = parse_storage_options([options] if isinstance(options, str) else options)
+    if as_flag is not None:
+        if isinstance(as_flag, str):
+            as_flag = [as_flag]
+        if not isinstance(as_flag, list):
+            raise ConfigError("`storage-option:` takes KEY=VALUE strings, as --storage-option does")
+        options = _merged(options if isinstance(options, Mapping) else {}, parse_storage_options(as_flag))
+    if options is not None:
+        normalized["storage_options"] = options
+
+
 def from_yaml_file(path: str, overrides: Mapping[str, Any] | None = None) -> JobConfig:
-    """A job YAML (keys = long option names), with command-line overrides applied on top."""
+    """A job YAML (keys = long option names), with command-line overrides applied on top.
+
+    The command line wins over the file, also across exclusive pairs: `--prompts` replaces the file's
+    `ontology:` (and `--ontology` its `prompts:`); `--storage-option` values are merged over the file's.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
@@ -165,4 +252,13 @@ def from_yaml_file(path: str, overrides: Mapping[str, Any] | None = None) -> Job
         raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
     if not isinstance(values, Mapping):
         raise ConfigError(f"config file {path!r} must be a mapping of option names to values")
-    return from_mapping({**values, **(overrides or {})})
+    from_file = {str(k).replace("-", "_"): v for k, v in values.items() if v is not None}
+    given = {str(k).replace("-", "_"): v for k, v in (overrides or {}).items() if v is not None}
+    if "prompts" in given or "ontology" in given:
+        from_file.pop("prompts", None)
+        from_file.pop("ontology", None)
+    _collect_storage_options(from_file)
+    _collect_storage_options(given)
+    if "storage_options" in from_file and "storage_options" in given:
+        given["storage_options"] = _merged(from_file["storage_options"], given["storage_options"])
+    return from_mapping({**from_file, **given})

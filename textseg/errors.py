@@ -13,6 +13,15 @@ class JobError(RuntimeError):
     """A problem no image can get past; the message is the one sentence the user sees."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after its summary was written (status `interrupted`): running the same command
+    again finishes the run, skipping what is done. Still a KeyboardInterrupt for library callers."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
 def reason_category(reason: str) -> str:
     """The part of a reason before its first ':' ("cannot read the source object: Timeout: ..." ->
     "cannot read the source object"), so error counts group by kind even at a million errors."""

@@ -1,8 +1,16 @@
 """Scores predicted class masks against ground-truth masks: per-class IoU and Dice, mIoU, pixel accuracy.
 
-`textseg eval PRED GT` compares two folders (local or any fsspec URL) of single-channel 8-bit PNG masks in
-The mask format: pixel value = class index, 0 background, 255 no-data. Masks are matched by relpath (the
-case of the `.png` extension is ignored, so `a.PNG` in GT matches the `a.png` textseg writes).
+`textseg eval PRED GT` compares two folders (local or any fsspec URL) of single-channel 8-bit masks, PNG
+or the GeoTIFF `textseg label` writes for georeferenced rasters (read with rasterio, the `geo` extra), in
+the mask format: pixel value = class index, 0 background, 255 no-data. Masks are matched by relpath
+without extension (its case and `.png`/`.tif` ignored, so `a.PNG` or `a.tif` in GT matches the `a.png`
+textseg writes).
+
+Classes are matched by name when both sides name theirs: a prediction's names are those its GeoTIFF
+records, else those of its metadata row when PRED is a DEST's `masks/` folder (DEST/metadata/); GT's come
+from `class_names` (`--classes`) or GT's ontology.yaml. A prediction whose classes are GT's in another
+order is remapped to GT's values; one whose names differ from GT's is an error. A side that names no
+classes is taken to use the other's order.
 
 How pixels count:
 - Every metric comes from one confusion matrix summed over all pixels of all images, never from a mean of
@@ -17,6 +25,8 @@ How pixels count:
 
 from __future__ import annotations
 
+import io
+import logging
 import posixpath
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +38,7 @@ from fsspec import AbstractFileSystem
 from PIL import Image
 
 from textseg.ontology import NODATA, OntologyError, from_yaml_text
-from textseg.outputs.masks import decode_png_mask
+from textseg.outputs.masks import MASK_SUFFIXES, decode_mask_with_names
 from textseg.storage import filesystem_for, read_bytes, redact_uri, uri_for
 
 ONTOLOGY_FILE = "ontology.yaml"
@@ -39,6 +49,7 @@ READ_THREADS = 8
 # Pixels per bincount call; bounds the temporary index array to 32 MiB for any mask size.
 BINCOUNT_PIXELS = 1 << 22
 _VALUES = 256  # an 8-bit mask has 256 possible values; the accumulator has one row/column per value
+log = logging.getLogger(__name__)
 
 
 class EvalError(ValueError):
@@ -136,9 +147,9 @@ def evaluate_folders(
     gt_masks = _list_masks(gt_fs, gt_root, gt)
     pred_masks = _list_masks(pred_fs, pred_root, pred)
     if not gt_masks:
-        raise EvalError(f"no PNG masks under the ground truth {gt}")
+        raise EvalError(f"no PNG or GeoTIFF masks under the ground truth {gt}")
     if not pred_masks:
-        raise EvalError(f"no PNG masks under the predictions {pred}")
+        raise EvalError(f"no PNG or GeoTIFF masks under the predictions {pred}")
     if not gt_masks.keys() & pred_masks.keys():
         raise EvalError(
             f"no prediction under {pred} has the relpath of a ground-truth mask under {gt} "
@@ -150,14 +161,19 @@ def evaluate_folders(
         class_names = _class_names_from_ontology(gt_fs, gt_root, gt)
     if class_names is not None and not 1 <= len(class_names) <= NODATA:
         raise EvalError(f"class_names must hold background plus 0-254 classes, got {len(class_names)} names")
+    labeled = _class_names_from_metadata(pred_fs, pred_root) if class_names is not None else {}
+    matcher = _ClassMatcher(class_names, pred, gt)
 
     confusion = np.zeros((_VALUES, _VALUES), dtype=np.int64)
     missing: list[str] = []
-    for relpath, gt_labels, pred_labels in _read_pairs(gt_fs, gt_masks, pred_fs, pred_masks):
+    for key, relpath, gt_labels, pred_labels, pred_names in _read_pairs(gt_fs, gt_masks, pred_fs, pred_masks):
         if pred_labels is None:
             missing.append(relpath)
             pred_labels = np.zeros_like(gt_labels)
-        elif pred_labels.shape != gt_labels.shape:
+        else:
+            names, origin = (pred_names, "its GeoTIFF") if pred_names else (labeled.get(key), "DEST/metadata")
+            pred_labels = matcher.to_gt_values(pred_labels, names, origin, relpath)
+        if pred_labels.shape != gt_labels.shape:
             raise EvalError(
                 f"{relpath}: the prediction is {_size(pred_labels)} pixels but the ground truth is "
                 f"{_size(gt_labels)}; both masks must have the image's exact width and height"
@@ -241,15 +257,16 @@ def _filesystem(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[Ab
 
 
 def _list_masks(fs: AbstractFileSystem, root: str, uri: str) -> dict[str, tuple[str, str]]:
-    """Every .png under `root`, keyed by relpath without its extension -> (relpath, path in fs)."""
+    """Every .png, .tif and .tiff under `root`, keyed by relpath without its extension -> (relpath, path
+    in fs)."""
     if not fs.isdir(root):
-        raise EvalError(f"{uri} is not a folder (or prefix) of PNG masks")
+        raise EvalError(f"{uri} is not a folder (or prefix) of PNG or GeoTIFF masks")
     masks: dict[str, tuple[str, str]] = {}
     for path in sorted(fs.find(root)):
         relpath = path[len(root) :].lstrip("/")
-        if not relpath.lower().endswith(".png"):
+        if not relpath.lower().endswith(MASK_SUFFIXES):
             continue
-        key = relpath[: -len(".png")]
+        key = posixpath.splitext(relpath)[0]
         if key in masks:
             raise EvalError(f"{uri} holds both {masks[key][0]!r} and {relpath!r}: which one is the mask?")
         masks[key] = (relpath, path)
@@ -274,13 +291,80 @@ def _class_names_from_ontology(fs: AbstractFileSystem, gt_root: str, gt: str) ->
     return None
 
 
+class _ClassMatcher:
+    """Prediction values -> GT values by class name (module docstring); one lookup table per naming."""
+
+    def __init__(self, gt_names: list[str] | None, pred: str, gt: str):
+        self.gt_names, self.pred, self.gt = gt_names, pred, gt
+        self.tables: dict[tuple[str, ...], np.ndarray | None] = {}
+
+    def to_gt_values(
+        self, labels: np.ndarray, names: list[str] | None, origin: str, relpath: str
+    ) -> np.ndarray:
+        if self.gt_names is None or not names or list(names) == self.gt_names:
+            return labels
+        key = tuple(names)
+        if key not in self.tables:
+            self.tables[key] = self._table(list(names), origin, relpath)
+        table = self.tables[key]
+        return labels if table is None else table[labels]
+
+    def _table(self, names: list[str], origin: str, relpath: str) -> np.ndarray | None:
+        assert self.gt_names is not None
+        pred_classes, gt_classes = names[1:], self.gt_names[1:]
+        if sorted(pred_classes) != sorted(gt_classes) or len(set(gt_classes)) != len(gt_classes):
+            raise EvalError(
+                f"the prediction {relpath} names its classes {pred_classes} ({origin} under {self.pred}) but "
+                f"the ground truth names {gt_classes} (--classes or ontology.yaml of {self.gt}), and classes "
+                "are matched by name: label with GT's ontology, or pass --classes with GT's names in its "
+                "mask-value order"
+            )
+        table = np.arange(_VALUES, dtype=np.uint8)
+        index = {name: i for i, name in enumerate(self.gt_names)}
+        for value, name in enumerate(names[1:], start=1):
+            table[value] = index[name]
+        log.info("prediction classes %s matched to GT's order %s by name", pred_classes, gt_classes)
+        return table
+
+
+def _class_names_from_metadata(fs: AbstractFileSystem, pred_root: str) -> dict[str, list[str]]:
+    """When PRED is a DEST's masks/ folder: mask key (relpath without extension) -> the class names of the
+    image's newest `ok` metadata row under DEST/metadata/; {} for any other PRED."""
+    if posixpath.basename(pred_root) != "masks":
+        return {}
+    metadata = posixpath.join(posixpath.dirname(pred_root), "metadata")
+    try:
+        parts = sorted(p for p in fs.find(metadata) if p.endswith(".parquet"))
+    except OSError:
+        return {}
+    import pyarrow.parquet as pq
+
+    newest: dict[str, tuple[str, list[str]]] = {}
+    for path in parts:
+        try:
+            table = pq.read_table(
+                io.BytesIO(read_bytes(fs, path)), columns=["relpath", "status", "class_names", "labeled_at"]
+            )
+        except (OSError, ValueError, KeyError) as err:  # not a metadata part (a foreign Parquet file)
+            log.debug("skipping %s: %s", path, err)
+            continue
+        for row in table.to_pylist():
+            if row["status"] != "ok" or not row["relpath"] or not row["class_names"]:
+                continue
+            key, labeled_at = posixpath.splitext(row["relpath"])[0], str(row["labeled_at"] or "")
+            if key not in newest or labeled_at >= newest[key][0]:
+                newest[key] = (labeled_at, list(row["class_names"]))
+    return {key: names for key, (_, names) in newest.items()}
+
+
 def _read_pairs(
     gt_fs: AbstractFileSystem,
     gt_masks: dict[str, tuple[str, str]],
     pred_fs: AbstractFileSystem,
     pred_masks: dict[str, tuple[str, str]],
-) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(GT relpath, GT labels, prediction labels or None when missing), in GT order.
+) -> Iterator[tuple[str, str, np.ndarray, np.ndarray | None, list[str] | None]]:
+    """(key, GT relpath, GT labels, prediction labels or None when missing, the class names the
+    prediction's file records or None), in GT order.
 
     Files are fetched with `cat_file` on a thread pool, one batch ahead of decoding: fsspec's batch `cat`
     would treat `[`, `*` and `?` in file names as glob patterns, and relpaths keep any file name.
@@ -303,11 +387,12 @@ def _read_pairs(
             batch, pending = pending, fetch(start)
             for key, gt_bytes, pred_bytes in batch:
                 relpath = gt_masks[key][0]
-                gt_labels = _decode(gt_bytes.result(), f"ground truth {relpath}")
+                gt_labels, _ = _decode(gt_bytes.result(), f"ground truth {relpath}")
                 if pred_bytes is None:
-                    yield relpath, gt_labels, None
+                    yield key, relpath, gt_labels, None, None
                 else:
-                    yield relpath, gt_labels, _decode(pred_bytes.result(), f"prediction {pred_masks[key][0]}")
+                    pred_labels, names = _decode(pred_bytes.result(), f"prediction {pred_masks[key][0]}")
+                    yield key, relpath, gt_labels, pred_labels, names
 
 
 def _read(fs: AbstractFileSystem, path: str) -> bytes:
@@ -317,11 +402,14 @@ def _read(fs: AbstractFileSystem, path: str) -> bytes:
         raise EvalError(f"cannot read {uri_for(fs, path)}: {err}") from err
 
 
-def _decode(data: bytes, what: str) -> np.ndarray:
+def _decode(data: bytes, what: str) -> tuple[np.ndarray, list[str] | None]:
+    kind = "GeoTIFF" if data[:2] in (b"II", b"MM") else "PNG"
     try:
-        return decode_png_mask(data)
+        return decode_mask_with_names(data)
+    except ImportError as err:  # a GeoTIFF without rasterio: the message names the install command
+        raise EvalError(f"{what} is a GeoTIFF: {err}") from err
     except (OSError, ValueError) as err:  # Pillow raises OSError subclasses for bad bytes
-        raise EvalError(f"{what} is not a single-channel 8-bit PNG mask: {err}") from err
+        raise EvalError(f"{what} is not a single-channel 8-bit {kind} mask: {err}") from err
     except Image.DecompressionBombError as err:  # not an OSError; Pillow's pixel limit is global state
         raise EvalError(f"{what} is larger than Pillow's MAX_IMAGE_PIXELS limit: {err}") from err
 

@@ -63,6 +63,10 @@ maps exceptions to reasons. Each reason starts with a fixed category; group on t
 - ``out of memory``: MemoryError while decoding.
 - ``corrupt image data``: any other decoder error, with Pillow's message.
 
+Every reason but ``out of memory`` is permanent (``ImageDecodeError.permanent``): the same bytes fail the
+same way on every attempt, so an incremental run skips the file as known bad until it changes. (A bomb is
+judged against ``max_pixels``: after raising the limit, ``--retry-errors`` tries such files again.)
+
 The exceptions turned into reasons are the ones Pillow's own fuzzing test expects from hostile files
 (OSError, SyntaxError, ValueError, NotImplementedError, MemoryError, the decompression-bomb pair) plus the
 parse errors its open loop tolerates (EOFError, struct.error, IndexError). Anything else is a bug
@@ -77,6 +81,7 @@ import re
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -114,7 +119,21 @@ class ImageDecodeError(ValueError):
     """A per-image problem: ``str(err)`` is the reason written to the metadata ``error`` column.
 
     A ValueError because the bytes, not the program, are wrong; the caller turns it into an error row.
+    ``permanent``: the same bytes fail again on every attempt (every reason above but ``out of memory``,
+    which another worker may have enough of); it becomes the row's ``permanent`` column, and an
+    incremental run skips such an image as known bad until its file changes (or ``--retry-errors``).
     """
+
+    def __init__(self, reason: str, *, permanent: bool = True):
+        super().__init__(reason)
+        self.permanent = permanent
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps `permanent` through pickling (Ray, processes)
+        return (_rebuild_decode_error, (str(self), self.permanent))
+
+
+def _rebuild_decode_error(reason: str, permanent: bool) -> ImageDecodeError:
+    return ImageDecodeError(reason, permanent=permanent)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise == on an array has no single truth value
@@ -170,7 +189,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     except ImageDecodeError:
         raise
     except _DECODE_FAILURES as exc:
-        raise ImageDecodeError(_reason_for(exc, data, declared_size, max_pixels)) from exc
+        reason = _reason_for(exc, data, declared_size, max_pixels)
+        raise ImageDecodeError(reason, permanent=not isinstance(exc, MemoryError)) from exc
     return DecodedImage(image=rgb, nodata=nodata)
 
 

@@ -386,7 +386,7 @@ def _read_records(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, An
     """Records from a staging file or a piece file (GeoParquet with WKB geometry, as `write_geoparquet`
     writes it; any other encoding goes through `read_geoparquet`). WKB keeps every coordinate bit."""
     shapely = lazy_import("shapely")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(fs, path)))
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(fs, path)))
     if not pa.types.is_binary(table.schema.field("geometry").type):
         return read_geoparquet(fs, path)
     records = table.drop_columns(["geometry"]).to_pylist()

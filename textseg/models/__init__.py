@@ -41,6 +41,15 @@ _BACKENDS: dict[str, tuple[str, ScoreKind]] = {
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# One request, no retries, this long: an offline machine learns in seconds that the hub is out of reach
+# (huggingface_hub's own retries take ~25 s when a file is not cached).
+HUB_TIMEOUT_S = 5.0
+# Answers that mean "the hub is not serving now" rather than "this file or model does not exist".
+_HUB_UNAVAILABLE = (408, 429, 500, 502, 503, 504)
+OFFLINE_HINT = (
+    "pass --model demo (the demo model shipped with textseg, no download) or a local model directory, or, "
+    "with the model in the Hugging Face cache, set HF_HUB_OFFLINE=1"
+)
 
 
 class ModelError(ValueError):
@@ -62,7 +71,7 @@ class ModelRef:
 
     def read_json(self, filename: str) -> dict[str, Any] | None:
         """A small JSON file of the model (config, processor config), or None if it has none."""
-        path = _fetch(self.location, filename)
+        path = _fetch(self.location, filename, self.spec)
         if path is None:
             return None
         with open(path, encoding="utf-8") as handle:
@@ -148,11 +157,21 @@ def resolve_device(device: str) -> str:
 
 
 def _resolve_location(spec: str, location: str) -> ModelRef:
-    config = _fetch(location, "config.json")
+    config = _fetch(location, "config.json", spec)
     if config is None:
+        if os.path.isdir(location):
+            raise ModelError(
+                f"model directory {location} has no config.json; pass a save_pretrained directory"
+            )
+        if _hub_offline():
+            raise ModelError(
+                f"model {spec!r} ({location}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "pass --model demo (the demo model shipped with textseg, no download) or a local model "
+                "directory, or download the model once on a machine that reaches the hub"
+            )
         raise ModelError(
-            f"cannot read config.json of model {spec!r} ({location}): for a hub id this machine needs "
-            "network access or a Hugging Face cache entry; otherwise pass a save_pretrained directory"
+            f"cannot read config.json of model {spec!r} ({location}): the hub has no such model or file "
+            f"(check the id), and the Hugging Face cache has none; {OFFLINE_HINT}"
         )
     with open(config, encoding="utf-8") as handle:
         model_type = json.load(handle).get("model_type")
@@ -164,18 +183,53 @@ def _resolve_location(spec: str, location: str) -> ModelRef:
     return ModelRef(spec=spec, backend=model_type, location=location, model_id=model_id)
 
 
-def _fetch(location: str, filename: str) -> str | None:
-    """Path of a model file, local or from the hub cache/network; None when it does not exist."""
+def _fetch(location: str, filename: str, spec: str | None = None) -> str | None:
+    """Path of a model file, local or from the hub cache/network; None when it does not exist.
+
+    A hub file that is not cached is first asked for once (`_check_hub_reachable`): an unreachable hub is
+    a ModelError within HUB_TIMEOUT_S that says how to run offline."""
     if os.path.isdir(location):
         path = os.path.join(location, filename)
         return path if os.path.isfile(path) else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    if not _hub_offline() and try_to_load_from_cache(location, filename) is None:
+        _check_hub_reachable(location, filename, spec or location)
     try:
-        return str(hf_hub_download(location, filename))
+        return str(hf_hub_download(location, filename, etag_timeout=HUB_TIMEOUT_S))
     except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
         return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
+
+
+def _check_hub_reachable(location: str, filename: str, spec: str) -> None:
+    """One HEAD request for `filename` of hub repo `location`, without retries; ModelError when the hub
+    cannot be reached or is not serving. Any other answer (found, not found, gated) is left to
+    `hf_hub_download`."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(location, filename), timeout=HUB_TIMEOUT_S)
+        return
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status not in _HUB_UNAVAILABLE:
+            return
+        reason = f"HTTP {status}"
+    except Exception as err:  # noqa: BLE001 - a network error of whichever HTTP client the hub library uses
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    raise ModelError(
+        f"cannot reach the Hugging Face hub ({constants.ENDPOINT}: {reason}) for model {spec!r} "
+        f"({location}), and it is not in the Hugging Face cache; {OFFLINE_HINT}"
+    )
 
 
 def _weights_digest(directory: str) -> str:

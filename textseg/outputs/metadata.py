@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,9 @@ from textseg.image.rasters import GeoRef
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# Only in DEST's state view (textseg.outputs.state), never in a run's metadata: the image's latest row,
+# for an image that a later full listing of the same SOURCE no longer found.
+STATUS_DELETED = "deleted"
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -51,8 +54,22 @@ METADATA_SCHEMA = pa.schema(
         pa.field("source_properties", pa.string()),
         # What an `ok` row lacks and why (e.g. no WGS84 bounds: the CRS cannot be reprojected), or null.
         pa.field("notes", pa.string()),
+        # Error rows: True when another attempt cannot pass while the file is unchanged (its bytes cannot
+        # be decoded: `ImageDecodeError.permanent`; its name cannot become a mask path), False when it
+        # may (storage, worker loss, the model stage, memory, ...); null on ok rows and in rows written
+        # before the column existed (read as False). Set where the error is made, never from its wording.
+        pa.field("permanent", pa.bool_()),
     ]
 )
+
+
+def conform_metadata(table: pa.Table) -> pa.Table:
+    """Rows read back from DEST (a metadata part, a view file) in METADATA_SCHEMA: columns added since
+    the file was written are null, so parts and views of earlier versions stay readable."""
+    missing = [f for f in METADATA_SCHEMA if f.name not in table.schema.names]
+    for f in missing:
+        table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
 
 
 def class_statistics(counts: Sequence[float], score_sums: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -84,11 +101,14 @@ def metadata_row(
     tiling: str = "",
     properties: str = "",
     notes: str | Sequence[str] = "",
+    permanent: bool = False,
 ) -> dict[str, Any]:
     """The one place a metadata row (METADATA_SCHEMA) is shaped, for whole images and assembled scenes.
 
     notes: what the caller left out and why ("no polygons: ..."), one sentence or several; the row's own
     (no WGS84 bounds when the CRS cannot be reprojected) come first, and repeats are dropped.
+    permanent: for an error, whoever made it said that retrying cannot help while the file is unchanged
+    (the `permanent` column; an incremental run skips such an image as known bad).
     """
     ok = not error
     fractions, means = class_statistics(list(counts), list(score_sums)) if ok else (None, None)
@@ -118,6 +138,7 @@ def metadata_row(
         "tiling": tiling or None,
         "source_properties": properties or None,
         "notes": "; ".join(dict.fromkeys(n for n in all_notes if n)) or None,
+        "permanent": None if ok else bool(permanent),
     }
 
 
@@ -148,6 +169,28 @@ def metadata_dir(run_id: str) -> str:
     return f"metadata/{run_id}"
 
 
+def latest_run(dest: str, storage_options: Mapping[str, Any]) -> str | None:
+    """The newest run id under DEST/metadata/ (run ids sort by start time), or None."""
+    fs, root = storage.filesystem_for(dest, storage_options)
+    runs = [name for name in storage.names(fs, storage.join_uri(root, "metadata")) if run_started_at(name)]
+    return max(runs, default=None)
+
+
+def iter_errors(dest: str, run_id: str, storage_options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(relpath, reason) of every `error` row of run `run_id`, a part file at a time: `textseg errors
+    DEST` lists a million of them without holding them."""
+    fs, root = storage.filesystem_for(dest, storage_options)
+    for path in storage.glob(fs, storage.join_uri(root, f"{metadata_dir(run_id)}/part-*.parquet")):
+        # One thread: pyarrow's thread pool can abort a short-lived process at exit ("terminate called
+        # without an active exception", apache/arrow#50482); three small columns need no parallel decode.
+        data = pa.BufferReader(storage.read_bytes(fs, path))
+        table = pq.read_table(data, columns=["relpath", "status", "error"], use_threads=False)
+        columns = (table[c].to_pylist() for c in ("relpath", "status", "error"))
+        for relpath, status, error in zip(*columns, strict=True):
+            if status == STATUS_ERROR:
+                yield relpath, error or ""
+
+
 def summary_path(run_id: str) -> str:
     return f"runs/{run_id}.json"
 
@@ -173,13 +216,18 @@ class Tally:
     error: int = 0
     categories: dict[str, int] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)  # category -> one full reason
+    ok_without_crs: int = 0  # ok rows without a georeference (`crs` null): --vectors made no polygons
 
     @classmethod
     def of(cls, table: pa.Table) -> Tally:
         tally = cls()
-        for status, error in zip(table["status"].to_pylist(), table["error"].to_pylist(), strict=True):
+        crs = table["crs"].to_pylist() if "crs" in table.column_names else [None] * table.num_rows
+        for status, error, row_crs in zip(
+            table["status"].to_pylist(), table["error"].to_pylist(), crs, strict=True
+        ):
             if status == STATUS_OK:
                 tally.ok += 1
+                tally.ok_without_crs += row_crs is None
                 continue
             tally.error += 1
             category = reason_category(error or "")
@@ -190,6 +238,7 @@ class Tally:
     def add(self, other: Tally) -> None:
         self.ok += other.ok
         self.error += other.error
+        self.ok_without_crs += other.ok_without_crs
         for category, count in other.categories.items():
             self.categories[category] = self.categories.get(category, 0) + count
             self.examples.setdefault(category, other.examples.get(category, ""))

@@ -43,6 +43,7 @@ _NUMERIC_COLUMNS: Mapping[str, tuple[Any, tuple[int, ...]]] = {
     "window": (np.int32, (4,)),
     "transform": (np.float64, (6,)),
     "windowed": (bool, ()),
+    "permanent": (bool, ()),
     "elapsed_ms": (np.float64, ()),
 }
 
@@ -200,7 +201,15 @@ def _as_error(
     report_failure(reason, err, str(one["relpath"][0]), secrets)
     failed = dict(one)
     failed["error"] = np.array([reason], dtype=object)
+    failed["permanent"] = np.array([False])  # a stage that raised may pass on another attempt
     return stage(failed)
+
+
+def is_permanent(batch: Batch, i: int) -> bool:
+    """Whether row i's error was marked permanent where it was made (the metadata `permanent` column);
+    False for a batch without the column."""
+    column = batch.get("permanent")
+    return bool(column[i]) if column is not None else False
 
 
 def report_failure(reason: str, err: BaseException, relpath: str, secrets: Sequence[str]) -> None:

@@ -21,7 +21,7 @@ from textseg.image.decoding import ImageDecodeError
 from textseg.image.pieces import Piece, open_source, resized
 from textseg.image.rasters import GeoRef
 from textseg.models.input_spec import InputSpec
-from textseg.pipeline.batches import Batch, isolate, report_failure, to_batch
+from textseg.pipeline.batches import Batch, is_permanent, isolate, report_failure, to_batch
 from textseg.pipeline.scenes import SceneManifest, scene_key
 from textseg.pipeline.settings import StageSettings
 
@@ -53,6 +53,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
     for i in range(len(batch["relpath"])):
         row = {key: batch[key][i] for key in _PASSED_ON}
         error = str(batch["error"][i] or "")
+        permanent = bool(error) and is_permanent(batch, i)  # the listing's problem, or an earlier stage's
         started = time.perf_counter()
         pieces: list[Piece] = []
         georef, windowed, tiling = None, False, ""
@@ -67,7 +68,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 tiling = source.tiling.describe
                 row["mask_relpath"] = str(row["mask_relpath"]).removesuffix(".png") + source.mask_suffix
             except ImageDecodeError as err:
-                error = str(err)
+                error, permanent = str(err), err.permanent
             except Exception as err:  # noqa: BLE001 - any read failure becomes this image's error row
                 error = storage.redact(describe_read_error(err), secrets)
                 report_failure(error, err, str(row["relpath"]), secrets)
@@ -82,6 +83,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 windowed=False,
                 tiling=tiling,
                 error=error or "the image has no pixels",
+                permanent=permanent,
                 elapsed_ms=elapsed,
             )
             continue
@@ -97,6 +99,7 @@ def read_and_decode(batch: Batch, settings: StageSettings) -> Batch:
                 windowed=windowed,
                 tiling=tiling,
                 error="",
+                permanent=False,
                 elapsed_ms=elapsed / len(pieces),
             )
     return to_batch(out)
@@ -112,6 +115,7 @@ def _emit(
     windowed: bool,
     tiling: str,
     error: str,
+    permanent: bool,
     elapsed_ms: float,
 ) -> None:
     window = piece.window if piece is not None else None
@@ -128,6 +132,7 @@ def _emit(
     out["transform"].append(georef.transform if georef else NO_TRANSFORM)
     out["tiling"].append(tiling)
     out["error"].append(error)
+    out["permanent"].append(permanent)
     out["elapsed_ms"].append(elapsed_ms)
 
 

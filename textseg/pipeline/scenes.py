@@ -107,9 +107,11 @@ def manifest_uris(settings: StageSettings) -> list[str]:
 
 def assemble_batch(batch: dict[str, np.ndarray], settings: StageSettings) -> pa.Table:
     """Ray/in-process stage: manifest URIs (column `manifest_uri`) -> one metadata row per scene."""
-    return pa.Table.from_pylist(
+    table = pa.Table.from_pylist(
         [assemble_scene(str(uri), settings) for uri in batch["manifest_uri"]], schema=METADATA_SCHEMA
     )
+    settings.count_rows(table)
+    return table
 
 
 def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]:

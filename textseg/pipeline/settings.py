@@ -9,14 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from textseg import storage
 from textseg.image.pieces import WindowPlan
 from textseg.labels.vectors import VectorSettings
 from textseg.models import ScoreKind
 from textseg.models.input_spec import InputSpec
+from textseg.outputs.metadata import STATUS_OK
 from textseg.pipeline.batches import CrashLedger
+
+
+class ProgressCounter(Protocol):
+    """Where stages add what they finished (listed, skipped, ok, error, shards), for the progress the
+    driver shows (`textseg.plan.progress`); display only, never the run's accounting."""
+
+    def add(self, **counts: int) -> None: ...
+
 
 SCRATCH_DIR = "_work"  # DEST/_work/<run_id>: a run's scene windows and polygon pieces, removed when it ends
 
@@ -41,6 +53,14 @@ class StageSettings:
     vectors: VectorSettings | None  # None: no polygons; pieces are never area-filtered (merged first)
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     crashes: CrashLedger | None = None  # set by a runner whose workers can die (textseg.plan.runner_ray)
+    progress: ProgressCounter | None = None  # set by a runner that shows progress
+
+    def count_rows(self, rows: pa.Table) -> None:
+        """Add finished metadata rows to the progress counts."""
+        if self.progress is None or rows.num_rows == 0:
+            return
+        ok = int(pc.sum(pc.equal(rows["status"], STATUS_OK)).as_py() or 0)
+        self.progress.add(ok=ok, error=rows.num_rows - ok)
 
     @property
     def scratch_uri(self) -> str:

@@ -23,7 +23,7 @@ from textseg.labels.vector_merge import VECTOR_PARTS
 from textseg.labels.vectors import image_polygons, write_geoparquet
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
-from textseg.pipeline.batches import Batch, isolate, report_failure, unpack_nodata
+from textseg.pipeline.batches import Batch, is_permanent, isolate, report_failure, unpack_nodata
 from textseg.pipeline.scenes import scene_key, write_window_error, write_window_result
 from textseg.pipeline.settings import StageSettings
 
@@ -47,6 +47,7 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
     for i, relpath in enumerate(batch["relpath"]):
         started = time.perf_counter()
         error = str(batch["error"][i] or "")
+        permanent = bool(error) and is_permanent(batch, i)  # where the error was made said so
         width, height = int(batch["width"][i]), int(batch["height"][i])
         georef = _georef(batch, i)
         if batch["windowed"][i]:
@@ -89,6 +90,7 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                 tiling=str(batch["tiling"][i]),
                 properties=str(batch["properties"][i]),
                 notes=[storage.redact(note, secrets) for note in notes],
+                permanent=permanent,
             )
         )
     if polygons:
@@ -96,7 +98,9 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
         # Named by the batch's images, so a retried task rewrites the same part instead of adding one.
         name = hashlib.sha1("\0".join(str(r) for r in batch["relpath"]).encode()).hexdigest()[:24]
         write_geoparquet(polygons, fs, f"{root}/{VECTOR_PARTS}/part-{name}.parquet")
-    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    settings.count_rows(table)
+    return table
 
 
 def _scores(batch: Batch, i: int, channels: int) -> np.ndarray:

@@ -12,11 +12,11 @@ from textseg import storage
 from textseg.errors import describe_exception
 from textseg.labels.vector_merge import VECTOR_PARTS, merge_run_vectors
 from textseg.outputs.metadata import Tally, run_started_at, summary_path
-from textseg.outputs.state import MapFn, compact, pending_runs
+from textseg.outputs.state import MapFn, compact, pending_runs, update_view
 from textseg.pipeline.settings import scratch_uri
 from textseg.plan.prepare import JobPlan
 from textseg.plan.summary import RunSummary, count_rows, decide_status
-from textseg.plan.work import ListingTally
+from textseg.plan.work import ListingTally, listing_deletions
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,17 @@ def finish(
     """Close the run: `failure` is set when the run could not go on (the summary says why)."""
     summary = plan.summary
     config = plan.config
-    summary.listed, summary.skipped = listing.listed, listing.skipped
+    summary.listed, summary.skipped, summary.known_bad = listing.listed, listing.skipped, listing.known_bad
     count_rows(summary, rows)
     labeled_at = time.perf_counter()
     summary.timings_s["labeling"] = round(labeled_at - plan.started - sum(summary.timings_s.values()), 3)
     try:
-        compact(config.dest, config.storage_options, [plan.run_id], map_fn)
+        # Only a run that listed SOURCE completely can tell which images are gone from it.
+        deletions = None
+        if failure is None and config.limit is None:
+            deletions = listing_deletions(plan.shards, listing, config.storage_options)
+        view = update_view(config.dest, config.storage_options, [plan.run_id], map_fn, deletions)
+        summary.deleted = view.deleted
         summary.timings_s["state"] = round(time.perf_counter() - labeled_at, 3)
         if plan.vector_settings is not None and failure is None:
             summary.polygons = merge_run_vectors(

@@ -26,7 +26,7 @@ from textseg.outputs.state import DoneIndex
 from textseg.pipeline.settings import StageSettings, scratch_uri
 from textseg.plan.summary import RunSummary, package_versions
 from textseg.plan.work import WorkSettings
-from textseg.source.listing import Shard, plan_shards
+from textseg.source.listing import FolderShard, Shard, plan_shards, source_within
 
 
 @dataclass
@@ -107,6 +107,9 @@ class JobPlan:
             ontology_hash=self.ontology.stable_hash(),
             tally_uri=self.tally_uri if write_tallies else None,
             limit=self.config.limit,
+            retry_errors=self.config.retry_errors,
+            # A complete listing of a folder, prefix or glob can tell which images are gone.
+            record_listed=self.config.limit is None and all(isinstance(s, FolderShard) for s in self.shards),
             storage_options=self.config.storage_options,
         )
 
@@ -134,6 +137,13 @@ def prepare(config: JobConfig) -> JobPlan:
         storage.check_writable(dest_fs, dest_root)
     source_fs, _ = storage.filesystem_for(config.source, config.storage_options)
     exclude = config.dest if type(source_fs) is type(dest_fs) else None
+    if exclude is not None and source_within(config.source, exclude, config.storage_options):
+        source = storage.redact_uri(config.source).rstrip("/")
+        raise ConfigError(
+            f"SOURCE {source!r} is DEST {storage.redact_uri(config.dest)!r} or lies inside it, and a "
+            "listing skips everything under DEST (else each run would label the last run's masks), so "
+            f"nothing would be labeled: choose a DEST beside or below SOURCE, e.g. '{source}-labels'"
+        )
     shards = plan_shards(
         config.source, config.storage_options, exclude_prefix=exclude, stac_asset=config.stac_asset
     )

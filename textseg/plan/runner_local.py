@@ -7,9 +7,10 @@ parts are written every PART_ROWS rows, as the Ray plan's sink does.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from textseg.outputs.metadata import METADATA_SCHEMA, Tally, write_metadata_part
 from textseg.outputs.sinks import PART_ROWS
@@ -21,6 +22,7 @@ from textseg.pipeline.scenes import assemble_batch, manifest_uris
 from textseg.pipeline.write import write_stage
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
+from textseg.plan.progress import LocalProgress, ProgressDisplay
 from textseg.plan.summary import RunSummary
 from textseg.plan.work import ListingTally, list_work
 
@@ -59,26 +61,32 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> RunS
     """
     config = plan.config
     merge_pending_runs(plan)
-    settings = plan.stage_settings
+    counts = LocalProgress()
+    settings = dataclasses.replace(plan.stage_settings, progress=counts)
     listing = ListingTally()
     parts = _Parts(plan, "part-")
-    labeler: Labeler | None = None  # loaded at the first image: a run with nothing to do loads no model
-    bar = tqdm(unit="img", disable=not progress)
-    index = DoneIndex.load(config.dest, config.storage_options)
-    for work in list_work(plan.shards, plan.work_settings(index), listing):
-        for row in work.to_pylist():
-            if labeler is None:
-                labeler = Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors)
-            pieces = decode_stage(rows_to_batch([row]), settings)
-            for start in range(0, batch_len(pieces), batch_size):
-                chunk = take(pieces, range(start, min(start + batch_size, batch_len(pieces))))
-                parts.add(write_stage(labeler(chunk), settings))
-            bar.update(1)
-    parts.flush()
-    bar.close()
     scenes = _Parts(plan, "part-scenes-")
-    for uri in manifest_uris(settings):
-        scenes.add(assemble_batch({"manifest_uri": np.array([uri], dtype=object)}, settings))
-    scenes.flush()
+    index = DoneIndex.load(config.dest, config.storage_options)
+    work_settings = dataclasses.replace(plan.work_settings(index), progress=counts)
+
+    def execute() -> None:
+        labeler: Labeler | None = None  # loaded at the first image: a run with nothing to do loads no model
+        for work in list_work(plan.shards, work_settings, listing):
+            for row in work.to_pylist():
+                if labeler is None:
+                    labeler = Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors)
+                pieces = decode_stage(rows_to_batch([row]), settings)
+                for start in range(0, batch_len(pieces), batch_size):
+                    chunk = take(pieces, range(start, min(start + batch_size, batch_len(pieces))))
+                    parts.add(write_stage(labeler(chunk), settings))
+        parts.flush()
+        for uri in manifest_uris(settings):
+            scenes.add(assemble_batch({"manifest_uri": np.array([uri], dtype=object)}, settings))
+        scenes.flush()
+
+    if progress:
+        ProgressDisplay(counts.snapshot, shards=len(plan.shards)).run(execute)
+    else:
+        execute()
     parts.tally.add(scenes.tally)
     return finish(plan, listing, parts.tally)

@@ -31,7 +31,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from textseg import storage
-from textseg.errors import JobError, describe_exception
+from textseg.errors import JobError, RunInterrupted, describe_exception
 from textseg.outputs.metadata import Tally
 from textseg.outputs.sinks import MetadataDatasink
 from textseg.outputs.state import DoneIndex
@@ -39,10 +39,19 @@ from textseg.pipeline.decode import decode_stage
 from textseg.pipeline.label import Labeler
 from textseg.pipeline.scenes import assemble_batch, manifest_uris
 from textseg.pipeline.write import write_stage
+from textseg.plan.bounds import StartupWatchdog, cannot_join, ray_address_to_join
 from textseg.plan.crash_ledger import RayCrashLedger
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
-from textseg.plan.resources import cluster_capacity, map_batches_kwargs, plan_model_pool, write_task_kwargs
+from textseg.plan.progress import ProgressDisplay
+from textseg.plan.ray_progress import RayProgress
+from textseg.plan.resources import (
+    ModelPool,
+    cluster_capacity,
+    map_batches_kwargs,
+    plan_model_pool,
+    write_task_kwargs,
+)
 from textseg.plan.summary import RunSummary
 from textseg.plan.work import WorkSettings, list_work, read_listing_tallies
 from textseg.source.listing import Shard
@@ -55,19 +64,28 @@ CPU_TASK_BATCH = 16
 GPU_BATCH, CPU_BATCH = 64, 8
 SPREAD = {"scheduling_strategy": "SPREAD"}
 # Workers' output reaches the driver (and `ray job logs`): the tracebacks behind error rows
-# (textseg.pipeline.batches) and what a dying worker printed; Ray's own INFO lines stay out.
+# (textseg.pipeline.batches) and what a dying worker printed. Ray's own log lines (a token-auth notice
+# on every start, Ray Data's execution plan) stay out unless --verbose: ERROR is raised to WARNING then.
 RAY_INIT_OPTIONS: dict[str, Any] = {
     "include_dashboard": False,
-    "logging_level": logging.WARNING,
+    "logging_level": logging.ERROR,
     "log_to_driver": True,
 }
 PART_WRITER = {"num_cpus": 0.25}  # a part write is I/O; unlike the write stage's 0 CPU: never fused
 
 
-def connect(address: str | None) -> None:
-    """Join `address` (a running cluster), or start an embedded local Ray when None."""
+def connect(address: str | None, verbose: bool = False) -> None:
+    """Join `address` (a running cluster), or start an embedded local Ray when None. Without `verbose`,
+    Ray's and Ray Data's Python loggers show errors only. An address that does not answer within seconds
+    is a `JobError` (textseg.plan.bounds), not minutes of Ray's retries."""
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
     if not ray.is_initialized():
-        ray.init(address=address, **RAY_INIT_OPTIONS)
+        options = RAY_INIT_OPTIONS | ({"logging_level": logging.WARNING} if verbose else {})
+        target = ray_address_to_join(address)
+        try:
+            ray.init(address=target, **options)
+        except ConnectionError as err:  # it answers, but not as Ray (Ray gives up after ~20 s)
+            raise JobError(cannot_join(target, err)) from None
 
 
 class ListingDatasource(Datasource):
@@ -118,26 +136,30 @@ def run_ray(plan: JobPlan) -> RunSummary:
     """Run the plan on the connected Ray cluster and close the run; raises `JobError` after writing the
     summary when the run cannot go on."""
     config = plan.config
-    connect(config.ray_address)
+    connect(config.ray_address, config.verbose)
     capacity = cluster_capacity()
     pool = plan_model_pool(config.device, config.actors, capacity)
     merge_pending_runs(plan, ray_map)
     index = DoneIndex.load(config.dest, config.storage_options)
     # Kept for the run's length: the ledger actor lives as long as this handle.
     crashes, _ledger_actor = RayCrashLedger.start(plan.run_id)
-    settings = dataclasses.replace(plan.stage_settings, crashes=crashes)
+    progress, _progress_actor = RayProgress.start(plan.run_id)
+    settings = dataclasses.replace(plan.stage_settings, crashes=crashes, progress=progress)
     # The write stage's cap is one task per CPU; Ray Data warns whenever a run has fewer blocks than that.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     # A scheduling strategy has no named parameter in map_batches: it travels as a Ray remote argument.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     context = DataContext.get_current()
-    context.enable_progress_bars = True
+    context.enable_progress_bars = config.verbose  # Ray Data's bars count blocks; ours count images
     sink = MetadataDatasink(plan.metadata_uri, config.storage_options)
     scene_sink = MetadataDatasink(plan.metadata_uri, config.storage_options, "part-scenes-")
     failure: str | None = None
+    # Model actors that never get their resources end the run after --startup-timeout.
+    watchdog = StartupWatchdog(pool, config.startup_timeout, actor_class=Labeler.__name__)
     try:
         # SPREAD: listing, decoding and writing use every node's CPUs, not just the head's.
-        source = ListingDatasource(plan.shards, plan.work_settings(index))
+        work_settings = dataclasses.replace(plan.work_settings(index), progress=progress)
+        source = ListingDatasource(plan.shards, work_settings)
         dataset = ray.data.read_datasource(  # SPREAD: DataContext's default scheduling strategy
             source,
             # One read task per shard and no splitting of its blocks: every task and block costs the
@@ -175,19 +197,28 @@ def run_ray(plan: JobPlan) -> RunSummary:
             **write_task_kwargs(capacity),
             **SPREAD,
         )
+
         # Not fused with the write stage: a fused stage would wait for a whole part's rows before
         # writing a single mask; this way masks land as images finish, and parts as rows add up.
-        dataset.write_datasink(sink, ray_remote_args=PART_WRITER)
-        manifests = manifest_uris(settings)
-        if manifests:
-            scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
-            scenes = scenes.map_batches(
-                functools.partial(assemble_batch, settings=settings),
-                batch_size=1,
-                batch_format="numpy",
-                num_cpus=1,
-            )
-            scenes.write_datasink(scene_sink)
+        def execute() -> None:
+            dataset.write_datasink(sink, ray_remote_args=PART_WRITER)
+            manifests = manifest_uris(settings)
+            if manifests:
+                scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
+                scenes = scenes.map_batches(
+                    functools.partial(assemble_batch, settings=settings),
+                    batch_size=1,
+                    batch_format="numpy",
+                    num_cpus=1,
+                )
+                scenes.write_datasink(scene_sink)
+
+        display = ProgressDisplay(progress.snapshot, shards=len(plan.shards))
+        display.say(_starting(pool, len(plan.shards)))
+        with watchdog:
+            display.run(execute)
+    except KeyboardInterrupt:  # Ctrl-C, or the watchdog: the summary is written either way
+        failure = "failed: " + watchdog.failure if watchdog.failure else "interrupted"
     except Exception as err:  # noqa: BLE001 - the run summary is written before the run ends
         job_error = _job_error_in(err)
         secrets = storage.secret_values(config.storage_options)
@@ -199,9 +230,24 @@ def run_ray(plan: JobPlan) -> RunSummary:
     rows.add(scene_sink.tally)
     listing = read_listing_tallies(plan.tally_uri, config.storage_options)
     summary = finish(plan, listing, rows, ray_map, failure)
+    if failure == "interrupted":
+        raise RunInterrupted(summary.run_id)
     if failure is not None:
         raise JobError(failure.removeprefix("failed: ") + f" (run summary: {summary.run_id})")
     return summary
+
+
+def _starting(pool: ModelPool, shards: int) -> str:
+    """What the first seconds of a run are spent on, said before they pass in silence."""
+    count = (
+        f"{pool.initial_actors}"
+        if pool.initial_actors == pool.max_actors
+        else (f"{pool.initial_actors} (up to {pool.max_actors})")
+    )
+    return (
+        f"listing SOURCE in {shards} shard(s); starting {count} model actor(s) on {pool.device} "
+        "(loading the model and embedding the prompts takes a few seconds to a minute)"
+    )
 
 
 def _job_error_in(err: BaseException) -> JobError | None:

@@ -1,7 +1,8 @@
 """The run summary (DEST/runs/<run_id>.json) and how a run's status is decided from its counts.
 
 Counts come from what the stages produced (listing tallies, the metadata sink's tallies), never from
-re-reading DEST. listed == skipped + ok + error for a run that finished.
+re-reading DEST. listed == skipped + ok + error for a run that finished; skipped counts the images
+already labeled and the known-bad ones (`known_bad`), and the status judges this run's attempts only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import importlib.metadata
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from textseg.outputs.metadata import Tally
 
@@ -29,7 +32,8 @@ class RunSummary:
     started_at: str
     finished_at: str | None = None
     listed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # already labeled, or known bad
+    known_bad: int = 0  # of skipped: failed earlier for a reason that cannot pass (--retry-errors)
     ok: int = 0
     error: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -38,6 +42,14 @@ class RunSummary:
     error_examples: dict[str, str] = field(default_factory=dict)
     shards: int = 0  # listing shards SOURCE was split into
     polygons: int | None = None  # with --vectors: polygons written to DEST/vectors/run=<run_id>/
+    deleted: int = 0  # images DEST's state now marks deleted: this run's complete listing missed them
+    # Labeled images without a georeference (their row's `crs` is null): --vectors made no polygons for them.
+    without_georeference: int = 0
+    # A dry run: listed images that would become error rows before any read (`ImageRef.problem`), those of
+    # them whose mask would share its name with another image's (`flag_collisions`), and a few examples.
+    problems: int = 0
+    collisions: int = 0
+    collision_examples: list[str] = field(default_factory=list)
     status: str = "running"
 
     @property
@@ -60,9 +72,14 @@ class RunSummary:
 
     def line(self) -> str:
         """The closing summary line a run prints."""
+        why = "already done"
+        if self.known_bad:
+            why = f"{self.skipped - self.known_bad} already done, {self.known_bad} known bad"
+            why = "known bad" if self.known_bad == self.skipped else why
+        deleted = f", {self.deleted} gone from SOURCE" if self.deleted else ""
         return (
-            f"run {self.run_id}: listed {self.listed}, skipped {self.skipped} (already done), "
-            f"labeled {self.ok}, failed {self.error}, {self.images_per_s:.1f} images/s"
+            f"run {self.run_id}: listed {self.listed}, skipped {self.skipped} ({why}), "
+            f"labeled {self.ok}, failed {self.error}{deleted}, {self.images_per_s:.1f} images/s"
         )
 
 
@@ -81,8 +98,25 @@ def decide_status(summary: RunSummary, max_error_rate: float) -> str:
 
 def count_rows(summary: RunSummary, tally: Tally) -> None:
     summary.ok, summary.error = tally.ok, tally.error
+    summary.without_georeference = tally.ok_without_crs
     summary.top_errors = tally.top_errors()
     summary.error_examples = {c: tally.examples[c] for c, _ in summary.top_errors}
+
+
+COLLISION_EXAMPLES = 5
+COLLISION_PREFIX = "mask name collision"  # how `textseg.source.refs.flag_collisions` words its problem
+
+
+def count_problems(summary: RunSummary, work: pa.Table) -> None:
+    """A dry run: add the work rows that start as errors (problem refs) to the summary's counts."""
+    for relpath, error in zip(work["relpath"].to_pylist(), work["error"].to_pylist(), strict=True):
+        if not error:
+            continue
+        summary.problems += 1
+        if error.startswith(COLLISION_PREFIX):
+            summary.collisions += 1
+            if len(summary.collision_examples) < COLLISION_EXAMPLES:
+                summary.collision_examples.append(f"{relpath!r} ({error})")
 
 
 def package_versions() -> dict[str, str]:

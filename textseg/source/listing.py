@@ -180,6 +180,22 @@ def plan_shards(
     return plan_manifest_shards(fs, path, display, storage_options, excluded)
 
 
+def source_within(source: str, prefix: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether SOURCE, a folder, prefix or glob, is `prefix` or lies under it: excluding `prefix` (DEST)
+    from the listing then leaves nothing to list. A file SOURCE (an image, a manifest, STAC JSON) never
+    is: its entries are listed wherever they lie. One or two metadata requests."""
+    fs, path = filesystem_for(source, storage_options)
+    excluded = Excluded.of(prefix, storage_options)
+    if has_magic(path) and not exists_literally(fs, path, redact_uri(source)):
+        literal = "/".join(itertools.takewhile(lambda part: not has_magic(part), path.split("/")))
+        return Excluded.covers(excluded, fs, literal.rstrip("/") or "/")
+    try:
+        folder = fs.isdir(path)
+    except OSError:  # plan_shards reports an unreachable SOURCE in its own words
+        return False
+    return bool(folder) and Excluded.covers(excluded, fs, path.rstrip("/") or "/")
+
+
 def _glob_shards(
     fs: fsspec.AbstractFileSystem,
     protocol: str,

@@ -41,6 +41,9 @@ class ImageRef:
     problem: None for an image to label; otherwise why it cannot be labeled (the runner writes an error row).
     properties: what the listing knows of the image beyond its object (a STAC item's properties), as a
         JSON object, or '' when nothing; it lands in the metadata row's `source_properties`.
+    permanent: the problem stays while the object is unchanged (its name cannot become a mask path),
+        unlike one that may pass (a mask-name collision ends when the other file goes); the error row's
+        `permanent` column.
     """
 
     uri: str
@@ -49,6 +52,7 @@ class ImageRef:
     size: int
     problem: str | None = None
     properties: str = ""
+    permanent: bool = False
 
 
 class FoundFile(NamedTuple):
@@ -86,6 +90,7 @@ def make_ref(fs: fsspec.AbstractFileSystem, found: FoundFile, relpath: str) -> I
             fingerprint=found.fingerprint,
             size=found.size,
             problem=f"its name cannot become a mask path inside DEST: {problem}; rename it",
+            permanent=True,
         )
     return ImageRef(uri=uri, relpath=relpath, fingerprint=found.fingerprint, size=found.size)
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from textseg.ontology import NODATA, from_yaml_text
-from textseg.outputs.masks import decode_png_mask
+from textseg.outputs.masks import decode_mask
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 ONTOLOGY_FILE = "ontology.yaml"
@@ -179,13 +179,14 @@ def _labeled_dest_pairs(
     storage_options: Mapping[str, Any] | None,
 ) -> tuple[list[_Pair], list[str], list[tuple[str, ...]]]:
     """The newest `ok` row per relpath across all runs' metadata -> pairs; classes by name across runs."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows: dict[str, dict[str, Any]] = {}
     for path in sorted(fs.find(f"{root}/metadata")):
         if not path.endswith(".parquet"):
             continue
-        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        table = pq.read_table(pa.BufferReader(fs.cat_file(path)))
         missing = {"source_uri", "relpath", "mask_uri", "status", "class_names"} - set(table.column_names)
         if missing:
             raise DatasetError(f"{path} lacks the metadata columns {sorted(missing)}")
@@ -206,7 +207,9 @@ def _labeled_dest_pairs(
     for relpath, row in sorted(rows.items()):
         mask_uri = row["mask_uri"]
         if "://" not in mask_uri and not mask_uri.startswith("/"):
-            mask_uri = f"{root}/{mask_uri}"
+            # Written relative to the labeling run's working directory (a relative DEST, before DEST was
+            # made absolute): the mask is DEST/masks/<relpath's stem><the mask's suffix>, wherever DEST is.
+            mask_uri = f"{root}/masks/{posixpath.splitext(relpath)[0]}{posixpath.splitext(mask_uri)[1]}"
             if protocol not in ("file", "local"):
                 mask_uri = f"{protocol}://{mask_uri}"
         pairs.append(_Pair(relpath, row["source_uri"], mask_uri, _lut(row["class_names"], names)))
@@ -220,7 +223,7 @@ def _read_pair(
     mask_fs, mask_path = _filesystem(pair.mask_uri, storage_options)
     with Image.open(io.BytesIO(image_fs.cat_file(image_path))) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
-    mask = decode_png_mask(mask_fs.cat_file(mask_path))
+    mask = decode_mask(mask_fs.cat_file(mask_path))  # a PNG, or the GeoTIFF of a georeferenced image
     if mask.shape != (image.height, image.width):
         raise DatasetError(
             f"{pair.relpath}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "

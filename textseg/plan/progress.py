@@ -1,0 +1,126 @@
+"""Progress a user can read: images listed, labeled, skipped and failed while the run goes on.
+
+The stages count what they finish (`textseg.pipeline.settings.ProgressCounter`): listing tasks the images
+they list and skip, write tasks and scene assembly the rows they make. Under Ray the counts go to one
+small actor on the driver's node (`textseg.plan.ray_progress`; fire-and-forget calls, one per block or
+batch, never per image), in process to a plain counter (`LocalProgress`). The driver shows them
+(`ProgressDisplay`): a bar on a terminal, and a plain line every LOG_EVERY_S seconds when stdout is a log
+(a nightly job's), so Ray Data's block-counting progress is never what the user reads.
+
+The counts are for display only: a retried task counts its rows again, and a restarted counter actor
+starts from zero. The run summary's counts come from the metadata sink's tallies, which are exact.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+LOG_EVERY_S = 30.0  # a plain progress line this often when stdout is not a terminal
+REFRESH_S = 1.0  # how often a terminal's bar is redrawn
+FIELDS = ("listed", "skipped", "ok", "error", "shards")
+
+
+class LocalProgress:
+    """The counter of the in-process runner."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            self.counts.update(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {field: self.counts[field] for field in FIELDS}
+
+
+class ProgressDisplay:
+    """Shows `snapshot()` counts while `run` runs (in a thread beside it); `shards` is the listing's total.
+
+    Terminal: a tqdm bar of images done out of images listed so far ("listing 3/8 shards" until the
+    listing ends), with skipped, failed and images/s. Otherwise: one line every LOG_EVERY_S seconds.
+    """
+
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, int]],
+        shards: int,
+        stream: TextIO | None = None,
+        every_s: float | None = None,
+    ):
+        self.snapshot = snapshot
+        self.shards = shards
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every_s = every_s if every_s is not None else (REFRESH_S if self.tty else LOG_EVERY_S)
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._bar: tqdm | None = None
+
+    def say(self, text: str) -> None:
+        """A status line of the run's own (start-up, phases), on the progress stream."""
+        print(text, file=self.stream, flush=True)
+
+    def run(self, work: Callable[[], Any]) -> Any:
+        """`work()`, with the progress shown until it returns or raises."""
+        thread = threading.Thread(target=self._loop, name="textseg-progress", daemon=True)
+        thread.start()
+        try:
+            return work()
+        finally:
+            self._stop.set()
+            thread.join(timeout=10)
+            if self._bar is not None:
+                self._bar.close()
+
+    def line(self, counts: dict[str, int]) -> str:
+        """e.g. `1,200 of 5,000 listed done (ok 1,190, failed 10, skipped 0), 94.1 images/s, ETA 40 s`."""
+        done = counts["ok"] + counts["error"] + counts["skipped"]
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = (counts["ok"] + counts["error"]) / elapsed
+        listing = (
+            "" if counts["shards"] >= self.shards else f" (listing: {counts['shards']}/{self.shards} shards)"
+        )
+        left = counts["listed"] - done
+        eta = f", ETA {left / rate:.0f} s" if rate > 0 and not listing and left > 0 else ""
+        return (
+            f"{done:,} of {counts['listed']:,} listed done{listing}: labeled {counts['ok']:,}, "
+            f"failed {counts['error']:,}, skipped {counts['skipped']:,}; {rate:.1f} images/s{eta}"
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                counts = self.snapshot()
+            except Exception:  # noqa: BLE001 - a display that cannot read its counts skips a beat
+                continue
+            if self.tty:
+                self._draw(counts)
+            else:
+                print(self.line(counts), file=self.stream, flush=True)
+
+    def _draw(self, counts: dict[str, int]) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=0, unit="img", file=self.stream, dynamic_ncols=True)
+        done = counts["ok"] + counts["error"] + counts["skipped"]
+        self._bar.total = counts["listed"]
+        self._bar.n = done
+        listing = "" if counts["shards"] >= self.shards else f"listing {counts['shards']}/{self.shards}"
+        self._bar.set_postfix_str(
+            ", ".join(
+                part
+                for part in (listing, f"failed {counts['error']}", f"skipped {counts['skipped']}")
+                if part
+            ),
+            refresh=False,
+        )
+        self._bar.refresh()

@@ -1,0 +1,62 @@
+"""The run's progress counter under Ray: one zero-CPU actor on the driver's node that stages add their
+counts to without waiting (see `textseg.plan.progress`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from textseg.plan.progress import FIELDS
+
+_HANDLES: dict[str, Any] = {}  # per worker process: counter name -> actor handle
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class _Counts:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        return {field: self.counts[field] for field in FIELDS}
+
+
+class RayProgress:
+    """A handle on the run's counter actor that pickles as its name (stages find the actor by name)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.name = state["name"]
+
+    @classmethod
+    def start(cls, run_id: str) -> tuple[RayProgress, Any]:
+        """Create the run's counter actor; the caller keeps the returned handle for the run's length."""
+        name = f"textseg-progress-{run_id}"
+        node = ray.get_runtime_context().get_node_id()
+        actor = _Counts.options(  # type: ignore[attr-defined]
+            name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
+        ).remote()
+        _HANDLES[name] = actor
+        return cls(name), actor
+
+    def add(self, **counts: int) -> None:
+        self._actor().add.remote(counts)  # not awaited: progress never slows a stage down
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(ray.get(self._actor().snapshot.remote()))
+
+    def _actor(self) -> Any:
+        handle = _HANDLES.get(self.name)
+        if handle is None:
+            handle = _HANDLES[self.name] = ray.get_actor(self.name)
+        return handle
