@@ -21,9 +21,8 @@ import warnings
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-_HANDLES: dict[str, Any] = {}  # per worker process: ledger name -> actor handle
+from textseg.plan.run_actors import actor_named, start_on_driver_node
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -58,10 +57,7 @@ class RayCrashLedger:
     def start(cls, run_id: str) -> tuple[RayCrashLedger, Any]:
         """Create the run's ledger actor; the caller keeps the returned handle for the run's length."""
         name = f"textseg-crashes-{run_id}"
-        node = ray.get_runtime_context().get_node_id()
-        actor = _Ledger.options(  # type: ignore[attr-defined]
-            name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
-        ).remote()
+        actor = start_on_driver_node(_Ledger, name)
         return cls(name), actor
 
     def batch_retried(self, key: str) -> bool:
@@ -89,10 +85,7 @@ class RayCrashLedger:
         ray.get(self._actor().end.remote(key))
 
     def _actor(self) -> Any:
-        handle = _HANDLES.get(self.name)
-        if handle is None:
-            handle = _HANDLES[self.name] = ray.get_actor(self.name)
-        return handle
+        return actor_named(self.name)
 
 
 @functools.cache

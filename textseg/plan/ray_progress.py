@@ -7,11 +7,9 @@ from collections import Counter
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from textseg.plan.progress import FIELDS
-
-_HANDLES: dict[str, Any] = {}  # per worker process: counter name -> actor handle
+from textseg.plan.run_actors import actor_named, start_on_driver_node
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -42,11 +40,7 @@ class RayProgress:
     def start(cls, run_id: str) -> tuple[RayProgress, Any]:
         """Create the run's counter actor; the caller keeps the returned handle for the run's length."""
         name = f"textseg-progress-{run_id}"
-        node = ray.get_runtime_context().get_node_id()
-        actor = _Counts.options(  # type: ignore[attr-defined]
-            name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
-        ).remote()
-        _HANDLES[name] = actor
+        actor = start_on_driver_node(_Counts, name)
         return cls(name), actor
 
     def add(self, **counts: int) -> None:
@@ -56,7 +50,4 @@ class RayProgress:
         return dict(ray.get(self._actor().snapshot.remote()))
 
     def _actor(self) -> Any:
-        handle = _HANDLES.get(self.name)
-        if handle is None:
-            handle = _HANDLES[self.name] = ray.get_actor(self.name)
-        return handle
+        return actor_named(self.name)
