@@ -49,7 +49,7 @@ def test_tiled_labels_equal_whole_image_labels_away_from_window_borders(tmp_path
         whole = label_image(logits, image.shape[:2], grouping, backend.score_kind).labels.numpy()
 
     interior = np.ones(image.shape[:2], dtype=bool)
-    for window in WindowPlan(256, 96).windows(640, 384) or []:
+    for window in WindowPlan(256, 96).tiling(640, 384, None).windows or []:
         for x in (window.x0, window.x1):
             if 0 < x < 640:
                 interior[:, max(0, x - MARGIN) : x + MARGIN] = False

@@ -83,10 +83,6 @@ class WindowPlan:
             return self._windows(width, height, AUTO_TILE_SIZE, self.overlap, why)
         return Tiling(None, self._whole())
 
-    def windows(self, width: int, height: int) -> list[Window] | None:
-        """The windows of a width x height image without georeference, or None when it is labeled whole."""
-        return self.tiling(width, height, None).windows
-
     def _windows(self, width: int, height: int, side: int, overlap: int, why: str) -> Tiling:
         if max(width, height) <= side:
             return Tiling(None, self._whole() + f" ({why}: no larger than one {side} px window)")
