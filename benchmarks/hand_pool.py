@@ -54,7 +54,7 @@ def _label(job: tuple[Sequence[str], str]) -> int:
     paths, out_dir = job
     decoded = [_decode(path) for path in paths]
     pixels = torch.from_numpy(np.stack([pixels for pixels, _ in decoded]))
-    palette = [0, 0, 0] + [255, 0, 0, 0, 255, 0, 0, 0, 255] * 85
+    palette = [0, 0, 0] + [255, 0, 0, 0, 255, 0, 0, 0, 255] * 85  # 256 colours: background black
     with torch.inference_mode():
         logits = _model.score(_model.normalize(pixels), _prompts)
         for path, (_, size), image_logits in zip(paths, decoded, logits, strict=True):
@@ -64,7 +64,7 @@ def _label(job: tuple[Sequence[str], str]) -> int:
             best, index = full.max(dim=0)
             labels = torch.where(best >= THRESHOLD, index + 1, 0).to(torch.uint8).numpy()
             mask = Image.frombytes("P", (size[1], size[0]), labels.tobytes())
-            mask.putpalette(palette[:768])
+            mask.putpalette(palette)
             mask.save(os.path.join(out_dir, pathlib.Path(path).stem + ".png"), compress_level=1)
     return len(paths)
 
