@@ -189,3 +189,40 @@ def test_tiny_processor_loads_back_as_clipseg_processor(tiny_dir: pathlib.Path) 
     processor = CLIPSegProcessor.from_pretrained(tiny_dir)
     saved = tiny_clipseg_processor(tiny_clip_tokenizer())
     assert processor.tokenizer(PROMPTS)["input_ids"] == saved.tokenizer(PROMPTS)["input_ids"]
+
+
+def test_decoded_jpegs_score_like_the_reference_processor_on_the_full_image(
+    backend: ClipSegBackend, tiny_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A photo goes through textseg's decode (a JPEG DCT-reduced to about the model's input, then the
+    processor's resize) and the fast path; the reference decodes it in full and runs the processor and
+    `forward`. The gap in pixel values is the DCT scaling's (tests/test_decoding.py); in logits, measured
+    here on five photo-like JPEGs and both tiny variants: at most 0.037 of the reference logits' range
+    (0.005-0.02 typically), and ~1e-7 for the JPEG too small to reduce (the same pixels as the processor)."""
+    import fsspec
+
+    from textseg.image.pieces import WindowPlan, open_source, resized
+
+    processor = CLIPSegProcessor.from_pretrained(tiny_dir)
+    fs = fsspec.filesystem("file")
+    rng = np.random.default_rng(3)
+    gaps = []
+    for seed, (width, height) in enumerate([(640, 480), (1600, 1200), (333, 517), (1024, 768), (96, 80)]):
+        ys, xs = np.mgrid[0:height, 0:width]
+        base = np.stack([xs * 255 / width, ys * 255 / height, (xs * ys) % 255], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 20, size=base.shape), 0, 255).astype(np.uint8)
+        path = tmp_path / f"photo{seed}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        plan = WindowPlan(None, 0, backend.input_spec.size)
+        _, pieces = open_source(fs, str(path), path.name, plan, max_pixels=10**9)
+        (piece,) = [resized(p, backend.input_spec) for p in pieces]
+        ours = backend.score(
+            backend.normalize(torch.from_numpy(piece.pixels)[None]), backend.embed_prompts(PROMPTS)
+        )[0]
+        with Image.open(path) as image:
+            reference_pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        reference = usual_recipe_logits(backend.model, backend.tokenizer, reference_pixels[0], PROMPTS)
+        spread = (reference.max() - reference.min()).item()
+        gap = (ours - reference).abs().max().item()
+        gaps.append(gap / spread)
+    assert max(gaps) <= 0.05 and gaps[-1] <= TOLERANCE

@@ -486,3 +486,62 @@ def test_resize_for_model_refuses_non_rgb() -> None:
 def test_decoding_stays_light_to_import() -> None:
     code = "import sys, textseg.image.decoding; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- decoding no larger than the caller needs ---------------------------------------------------------------
+
+
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradients plus noise: what DCT scaling sees in a photo (not pure noise, not flat)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack([xs * 255 / width, ys * 255 / height, (xs + ys) * 127 / (width + height)], axis=-1)
+    return np.clip(base + rng.normal(0, 20, size=base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_jpeg_decodes_dct_reduced_to_what_the_caller_needs_as_a_viewer_shows_it(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = _photo(640, 480)
+    stored[:40, :40] = RED  # stored top-left
+    data = _encode(Image.fromarray(stored), "JPEG", quality=90, exif=exif)
+    asked: list[tuple[int, int]] = []
+
+    def reduce_for(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return (60, 80) if orientation == 6 else (80, 60)
+
+    reduced = decode_image(data, reduce_for=reduce_for)
+    full = decode_image(data)
+    viewer = (480, 640) if orientation == 6 else (640, 480)
+    assert asked == [viewer] and (reduced.width, reduced.height) == viewer == full.image.size
+    assert reduced.full_size == viewer and full.full_size is None
+    # libjpeg's 1/8 scale: each side the smallest multiple of 1/8 at or above what was asked.
+    assert reduced.image.size == (viewer[0] // 8, viewer[1] // 8)
+    assert _close(_corner_pixel(reduced.image, _SHOWN_AT[orientation][0]), RED)
+    # What the model sees: within a few levels of resizing the full decode. Measured on photo-like JPEGs
+    # from 640x480 to 4000x3000 at 64-352 px inputs: mean |difference| 0.2-2.0 of 255, max 14; at the
+    # hard edge of the red corner here, 24.
+    size = (48, 64) if orientation == 1 else (64, 48)
+    resample = Image.Resampling.BICUBIC
+    gap = np.abs(
+        resize_for_model(reduced.image, size, resample).astype(int)
+        - resize_for_model(full.image, size, resample).astype(int)
+    )
+    assert gap.mean() <= 2.0 and gap.max() <= 32
+
+
+def test_reduced_decoding_leaves_other_formats_small_jpegs_and_bombs_alone() -> None:
+    png = _encode(Image.fromarray(_photo(64, 48)), "PNG")
+    assert decode_image(png, reduce_for=lambda w, h: (8, 6)).full_size is None
+    small = _encode(Image.fromarray(_photo(64, 48)), "JPEG")
+    assert decode_image(small, reduce_for=lambda w, h: (40, 40)).image.size == (64, 48)
+    assert decode_image(small, reduce_for=lambda w, h: None).image.size == (64, 48)
+
+    def never(width: int, height: int) -> tuple[int, int]:
+        raise AssertionError("asked about a bomb")
+
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(small, max_pixels=1000, reduce_for=never)
+    assert _category(str(caught.value)) == "image too large (possible decompression bomb)"

@@ -82,3 +82,22 @@ def test_wrong_number_of_prompt_maps_is_a_clear_error():
     grouping = ClassGrouping(prompt_class_index=(1, 2), thresholds=(0.5, 0.5))
     with pytest.raises(ValueError, match="3 prompt maps for 2 prompts"):
         label_image(torch.zeros(3, 2, 2), (2, 2), grouping, "sigmoid")
+
+
+@pytest.mark.parametrize("score_kind", ["sigmoid", "softmax"])
+def test_labels_from_logits_equal_labels_from_the_full_score_maps(score_kind):
+    """`label_image` skips the (1 + K, H, W) probabilities; it must decide exactly as they would."""
+    from textseg.labels.postprocess import class_scores, labels_from_scores
+
+    torch.manual_seed(1)
+    grouping = ClassGrouping(prompt_class_index=(1, 2, 2, 3), thresholds=(0.3, 0.5, 0.6))
+    logits = torch.randn(4 + (score_kind == "softmax"), 9, 7) * 3
+    nodata = torch.rand(40, 30) < 0.1
+    fast = label_image(logits, (40, 30), grouping, score_kind, nodata)
+    full = labels_from_scores(
+        class_scores(logits, (40, 30), grouping, score_kind), grouping, score_kind, nodata
+    )
+    assert torch.equal(fast.labels, full.labels)
+    assert set(fast.labels.unique().tolist()) == {0, 1, 2, 3, NODATA}
+    assert fast.class_pixel_count == full.class_pixel_count
+    assert fast.class_score_sum == pytest.approx(full.class_score_sum, rel=1e-5)

@@ -80,6 +80,7 @@ import io
 import re
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,9 @@ _TRANSPARENCY_KEY_MODES = frozenset({"P", "L", "RGB"})  # modes where a PNG tRNS
 
 _PILLOW_GUARD_LOCK = threading.Lock()
 
+ORIENTATION_TAG = 0x0112  # EXIF orientation
+QUARTER_TURNS = frozenset({5, 6, 7, 8})  # orientations that swap width and height
+
 
 class ImageDecodeError(ValueError):
     """A per-image problem: ``str(err)`` is the reason written to the metadata ``error`` column.
@@ -140,13 +144,17 @@ def _rebuild_decode_error(reason: str, permanent: bool) -> ImageDecodeError:
 class DecodedImage:
     """An image as a viewer shows it, ready for windows and models.
 
-    image: mode "RGB", EXIF orientation applied, full resolution, pixels loaded (no file access left).
-    nodata: (H, W) bool, True where the pixel has no value to label (alpha == 0, or NaN in a float image);
-        None when there is no such pixel, so the common case costs nothing.
+    image: mode "RGB", EXIF orientation applied, pixels loaded (no file access left); full resolution
+        unless `full_size` says otherwise.
+    nodata: (H, W) bool of `image`, True where the pixel has no value to label (alpha == 0, or NaN in a
+        float image); None when there is no such pixel, so the common case costs nothing.
+    full_size: (width, height) of the image a viewer shows, when `image` was decoded smaller than that
+        (a JPEG's DCT scaling, see `decode_image`); None when `image` is the full resolution.
     """
 
     image: Image.Image
     nodata: np.ndarray | None = None
+    full_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.image.mode != "RGB":
@@ -160,18 +168,31 @@ class DecodedImage:
 
     @property
     def width(self) -> int:
-        return self.image.width
+        """The width a viewer shows (of the full image, even when `image` is reduced)."""
+        return self.full_size[0] if self.full_size else self.image.width
 
     @property
     def height(self) -> int:
-        return self.image.height
+        return self.full_size[1] if self.full_size else self.image.height
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+# What a caller needs of an image of this (width, height) as a viewer shows it: at least this (width,
+# height), or None for the full resolution.
+ReduceFor = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_for: ReduceFor | None = None
+) -> DecodedImage:
     """Decode image file bytes into what a viewer shows; raise ImageDecodeError with the reason if impossible.
 
     max_pixels: refuse images whose header declares more pixels than this (checked before decoding).
-    The module docstring lists the formats, the mode and bit-depth rules, and every reason.
+    reduce_for: told the viewer's (width, height) from the header, returns the least (width, height) the
+    caller will use (a model's input, when the image is resized whole) or None. A JPEG is then decoded
+    with libjpeg's DCT scaling (Pillow's `draft`: 1/2, 1/4 or 1/8 of each side, never below that size),
+    3-4x faster than a full decode followed by a resize; `full_size` keeps the viewer's size. Other
+    formats decode in full. The module docstring lists the formats, the mode and bit-depth rules, and
+    every reason.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
@@ -183,6 +204,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
         declared_size = image.size
         _check_declared_size(declared_size, max_pixels)
+        full_size = _draft(image, reduce_for) if reduce_for is not None else None
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         rgb, nodata = _to_rgb(image)
@@ -191,7 +213,25 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     except _DECODE_FAILURES as exc:
         reason = _reason_for(exc, data, declared_size, max_pixels)
         raise ImageDecodeError(reason, permanent=not isinstance(exc, MemoryError)) from exc
-    return DecodedImage(image=rgb, nodata=nodata)
+    if full_size == rgb.size:
+        full_size = None  # the image was too small to scale
+    return DecodedImage(image=rgb, nodata=nodata, full_size=full_size)
+
+
+def _draft(image: Image.Image, reduce_for: ReduceFor) -> tuple[int, int] | None:
+    """Set up a JPEG's DCT-scaled decode for what `reduce_for` asks; the viewer's (width, height), or
+    None when the image decodes in full. EXIF orientations 5..8 are quarter turns: the asked size turns
+    with them before it meets the stored (unrotated) pixels."""
+    if image.format not in ("JPEG", "MPO"):
+        return None
+    width, height = image.size
+    quarter_turn = image.getexif().get(ORIENTATION_TAG, 1) in QUARTER_TURNS
+    viewer = (height, width) if quarter_turn else (width, height)
+    wanted = reduce_for(*viewer)
+    if wanted is None:
+        return None
+    image.draft(None, (wanted[1], wanted[0]) if quarter_turn else wanted)
+    return viewer
 
 
 def resize_for_model(image: Image.Image, size: tuple[int, int], resample: int) -> np.ndarray:

@@ -99,8 +99,9 @@ class WindowPlan:
 
 @dataclass(frozen=True)
 class Piece:
-    """pixels: (h, w, 3) uint8 at the model's input size; window: the part of the image it shows;
-    nodata: (window.height, window.width) bool or None."""
+    """pixels: (h, w, 3) uint8 of the part of the image it shows (`window`), at full resolution or, for a
+    JPEG resized whole, at a DCT-reduced scale (`decoding.decode_image`); after `resized`, at the model's
+    input size. nodata: (window.height, window.width) bool or None."""
 
     pixels: np.ndarray
     window: Window
@@ -145,14 +146,27 @@ def open_source(
                 )
             source = Source(width, height, georef, tiling, raster=True)
             return source, _raster_pieces(fs, path, source)
-    decoded = decode_image(storage.read_bytes(fs, path), max_pixels=max_pixels)
     tile = rasters.xyz_tile(relpath)
-    georef = rasters.xyz_georef(*tile, decoded.width, decoded.height) if tile is not None else None
-    tiling = plan.tiling(decoded.width, decoded.height, georef)
+
+    def cut(width: int, height: int) -> tuple[Tiling, GeoRef | None]:
+        georef = rasters.xyz_georef(*tile, width, height) if tile is not None else None
+        return plan.tiling(width, height, georef), georef
+
+    def reduce_for(width: int, height: int) -> tuple[int, int] | None:
+        """A whole image is only ever seen at the model's size: decode no more than that."""
+        model_height, model_width = plan.model_size
+        whole = cut(width, height)[0].windows is None
+        return (model_width, model_height) if whole and model_height > 0 else None
+
+    decoded = decode_image(storage.read_bytes(fs, path), max_pixels=max_pixels, reduce_for=reduce_for)
+    tiling, georef = cut(decoded.width, decoded.height)
     source = Source(decoded.width, decoded.height, georef, tiling, raster=False)
 
     def pil_pieces() -> Iterator[Piece]:
         rgb = np.asarray(decoded.image)
+        if decoded.full_size is not None:  # decoded at a reduced scale: one whole-image piece
+            yield Piece(rgb, Window(0, 0, source.width, source.height), None)
+            return
         for window in source.windows or [Window(0, 0, source.width, source.height)]:
             nodata = None if decoded.nodata is None else decoded.nodata[window.slices]
             yield Piece(np.ascontiguousarray(rgb[window.slices]), window, nodata)

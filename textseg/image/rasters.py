@@ -56,7 +56,7 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from textseg.image.decoding import DECODED_FORMATS
+from textseg.image.decoding import DECODED_FORMATS, ORIENTATION_TAG, QUARTER_TURNS
 from textseg.image.windows import Window
 from textseg.storage import call_with_retry, is_local, uri_for
 
@@ -316,10 +316,10 @@ def scene_size(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, int] | No
         try:
             with Image.open(stream, formats=DECODED_FORMATS) as image:
                 width, height = image.size
-                orientation = image.getexif().get(0x0112)  # the EXIF Orientation tag
+                orientation = image.getexif().get(ORIENTATION_TAG)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return (height, width) if orientation in QUARTER_TURNS else (width, height)
 
 
 def read_window_rgb(

@@ -11,6 +11,13 @@ for every backend:
   then softmax over [background, classes]; label = argmax, demoted to 0 when its probability is below the
   class threshold.
 - no-data pixels (fully transparent in the source) are 255 and count in no class.
+
+Labels come straight from the logits (`label_image`): the argmax and threshold only need the winning
+class's logit, so the full-size probability map of every class is never built (on one CPU core at
+1600x1200 and K=2: ~30 ms an image against ~145 ms for scores then labels). The (1 + K) score maps are
+built only where they are the output (`class_scores`: a window of a scene, blended with its neighbours
+before `labels_from_scores` decides; a whole image's scores kept for --vectors). Both paths decide
+labels with `_decide`, and every full-size pass is a single vectorized sweep (no boolean gathers).
 """
 
 from __future__ import annotations
@@ -52,48 +59,11 @@ def class_scores(
     Row 0 is the background score, rows 1..K the classes'. Upsampling happens in float32 whatever the
     model's dtype, so bf16 models threshold the same maps as fp32 ones up to the model's own error.
     """
-    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    if score_kind == "softmax":
-        background, prompt_logits = full[:1], full[1:]
-    else:
-        background, prompt_logits = None, full
-    if prompt_logits.shape[0] != len(grouping.prompt_class_index):
-        raise ValueError(
-            f"the model returned {prompt_logits.shape[0]} prompt maps for "
-            f"{len(grouping.prompt_class_index)} prompts; check the backend's score_kind"
-        )
-    per_class = torch.stack(
-        [
-            prompt_logits[[i for i, c in enumerate(grouping.prompt_class_index) if c == k]].amax(dim=0)
-            for k in range(1, grouping.num_classes + 1)
-        ]
-    )
+    background, per_class = _class_logits(logits, size, grouping, score_kind)
     if background is not None:
-        return torch.softmax(torch.cat([background, per_class]), dim=0)
+        return torch.softmax(torch.cat([background[None], per_class]), dim=0)
     class_prob = torch.sigmoid(per_class)
     return torch.cat([1.0 - class_prob.amax(dim=0, keepdim=True), class_prob])
-
-
-def labels_from_scores(
-    scores: torch.Tensor, grouping: ClassGrouping, score_kind: ScoreKind, nodata: torch.Tensor | None
-) -> LabelResult:
-    """scores (1 + K, H, W) from `class_scores`; nodata (H, W) bool or None -> labels and statistics."""
-    thresholds = torch.tensor((0.0, *grouping.thresholds), device=scores.device)
-    if score_kind == "softmax":
-        best_score, best = scores.max(dim=0)
-    else:
-        best_score, best = scores[1:].max(dim=0)
-        best = best + 1
-    labels = torch.where(best_score >= thresholds[best], best, torch.zeros_like(best))
-    chosen_score = scores.gather(0, labels[None])[0]
-    if nodata is not None:
-        labels = labels.masked_fill(nodata, NODATA)
-    flat = labels.flatten().long()
-    bins = grouping.num_classes + 1
-    valid = flat != NODATA
-    counts = torch.bincount(flat[valid], minlength=bins)
-    score_sums = torch.bincount(flat[valid], weights=chosen_score.flatten()[valid].double(), minlength=bins)
-    return LabelResult(labels.to(torch.uint8), counts.tolist(), score_sums.tolist())
 
 
 def label_image(
@@ -103,5 +73,96 @@ def label_image(
     score_kind: ScoreKind,
     nodata: torch.Tensor | None = None,
 ) -> LabelResult:
-    """One image's model logits -> its full-size labels (the README's mask semantics). size is (H, W)."""
-    return labels_from_scores(class_scores(logits, size, grouping, score_kind), grouping, score_kind, nodata)
+    """One image's model logits -> its full-size labels (the README's mask semantics). size is (H, W).
+
+    Equal to `labels_from_scores(class_scores(...))` (up to float rounding of the reported scores)
+    without building the (1 + K, H, W) probabilities.
+    """
+    background, per_class = _class_logits(logits, size, grouping, score_kind)
+    if background is None:  # sigmoid: the best class's probability; background is its complement
+        best_logit, best = _argmax(per_class)
+        probability = torch.sigmoid(best_logit)
+        return _decide(probability, best + 1, 1.0 - probability, grouping, nodata)
+    # softmax over [background, classes], evaluated at the winner and at the background only
+    stacked = torch.cat([background[None], per_class])
+    best_logit, best = _argmax(stacked)
+    denominator = torch.zeros_like(best_logit)
+    for row in stacked:
+        denominator += torch.exp(row - best_logit)
+    probability = denominator.reciprocal()
+    return _decide(probability, best, torch.exp(background - best_logit) * probability, grouping, nodata)
+
+
+def labels_from_scores(
+    scores: torch.Tensor, grouping: ClassGrouping, score_kind: ScoreKind, nodata: torch.Tensor | None
+) -> LabelResult:
+    """scores (1 + K, H, W) from `class_scores` (or blended from windows'); nodata (H, W) bool or None ->
+    labels and statistics."""
+    if score_kind == "softmax":
+        best_score, best = _argmax(scores)
+    else:
+        best_score, best = _argmax(scores[1:])
+        best = best + 1
+    return _decide(best_score, best, scores[0], grouping, nodata)
+
+
+def _class_logits(
+    logits: torch.Tensor, size: tuple[int, int], grouping: ClassGrouping, score_kind: ScoreKind
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(background logits (H, W) for softmax else None, class logits (K, H, W)): upsampled in float32,
+    each class the max over its prompts."""
+    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    background, prompt_logits = (full[0], full[1:]) if score_kind == "softmax" else (None, full)
+    if prompt_logits.shape[0] != len(grouping.prompt_class_index):
+        raise ValueError(
+            f"the model returned {prompt_logits.shape[0]} prompt maps for "
+            f"{len(grouping.prompt_class_index)} prompts; check the backend's score_kind"
+        )
+    if grouping.prompt_class_index == tuple(range(1, grouping.num_classes + 1)):
+        return background, prompt_logits  # one prompt per class, in order: nothing to merge
+    per_class = torch.stack(
+        [
+            prompt_logits[[i for i, c in enumerate(grouping.prompt_class_index) if c == k]].amax(dim=0)
+            for k in range(1, grouping.num_classes + 1)
+        ]
+    )
+    return background, per_class
+
+
+def _argmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """maps (N, H, W) -> (max (H, W), index (H, W) uint8), the first index on ties. One elementwise sweep
+    per map: torch.max over a short leading dimension is a strided reduction, ~5x slower on CPU."""
+    best = maps[0].clone()
+    index = torch.zeros(best.shape, dtype=torch.uint8, device=maps.device)
+    for k in range(1, maps.shape[0]):
+        index.masked_fill_(maps[k] > best, k)
+        torch.maximum(best, maps[k], out=best)
+    return best, index
+
+
+def _decide(
+    best_score: torch.Tensor,
+    best: torch.Tensor,
+    background_score: torch.Tensor,
+    grouping: ClassGrouping,
+    nodata: torch.Tensor | None,
+) -> LabelResult:
+    """The winning class `best` (H, W) uint8 (0 = background) and its score -> labels demoted to 0 below
+    the class's threshold, no-data set to 255, and the per-class statistics. The score counted for a
+    background pixel is `background_score`."""
+    thresholds = grouping.thresholds
+    if len(set(thresholds)) == 1:
+        passes = best_score >= thresholds[0]
+    else:
+        table = torch.tensor((0.0, *thresholds), device=best_score.device)
+        passes = best_score >= table.take(best.long())
+    labels = best * passes
+    chosen_score = torch.where(labels > 0, best_score, background_score)
+    if nodata is not None:
+        labels.masked_fill_(nodata, NODATA)
+    bins = grouping.num_classes + 1
+    flat = labels.flatten()
+    # 256 bins, then the first 1 + K: no-data (255) falls outside without a boolean gather.
+    counts = torch.bincount(flat, minlength=NODATA + 1)[:bins]
+    score_sums = torch.bincount(flat, weights=chosen_score.flatten().double(), minlength=NODATA + 1)[:bins]
+    return LabelResult(labels, counts.tolist(), score_sums.tolist())

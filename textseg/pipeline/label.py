@@ -22,7 +22,7 @@ import torch
 
 from textseg.errors import JobError, describe_exception
 from textseg.image.windows import SCORE_LEVELS
-from textseg.labels.postprocess import ClassGrouping, class_scores, labels_from_scores
+from textseg.labels.postprocess import ClassGrouping, class_scores, label_image, labels_from_scores
 from textseg.models import ModelRef, load_model, resolve_device
 from textseg.ontology import Ontology
 from textseg.pipeline.batches import Batch, CrashLedger, isolate, unpack_nodata
@@ -96,18 +96,20 @@ class Labeler:
                 logits = self.backend.score(self.backend.normalize(pixels), self.prompt_embeddings)
                 for j, i in enumerate(chunk):
                     size = (int(batch["height"][i]), int(batch["width"][i]))
-                    scores = class_scores(logits[j], size, self.grouping, self.backend.score_kind)
+                    kind = self.backend.score_kind
+                    scores = None
                     if batch["windowed"][i] or self.keep_scores:
+                        scores = class_scores(logits[j], size, self.grouping, kind)
                         quantized = (scores.clamp(0, 1) * SCORE_LEVELS).round().to(torch.uint8)
                         quantized_scores[i] = self._to_host(quantized)
                     if batch["windowed"][i]:
                         continue
-                    nodata = unpack_nodata(batch["nodata"][i], *size)
-                    result = labels_from_scores(
-                        scores,
-                        self.grouping,
-                        self.backend.score_kind,
-                        None if nodata is None else torch.from_numpy(nodata).to(self.device),
+                    packed = unpack_nodata(batch["nodata"][i], *size)
+                    nodata = None if packed is None else torch.from_numpy(packed).to(self.device)
+                    result = (
+                        label_image(logits[j], size, self.grouping, kind, nodata)
+                        if scores is None
+                        else labels_from_scores(scores, self.grouping, kind, nodata)
                     )
                     labels[i] = self._to_host(result.labels)
                     pixel_counts[i] = result.class_pixel_count
