@@ -73,32 +73,33 @@ def test_reachable_gpus_respect_the_cluster_max_workers_and_count_the_head() -> 
     assert capacity_from([node(4, 2)] * 3, types[:1], autoscaler="known", max_workers=1).max_gpus == 6
 
 
-def test_auto_on_a_cpu_only_cluster_reserves_cpus_that_fit_one_node() -> None:
-    # Four 8-CPU nodes: the old sizing (half the cluster's 32 CPUs) asked for 16 per actor, which no
-    # node has, so the actor could never be scheduled.
+CPU_ACTOR = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+
+
+def test_auto_on_a_cpu_only_cluster_runs_one_actor_per_core_spread_over_the_nodes() -> None:
     capacity = capacity_from([node(8, head=True)] + [node(8)] * 3, (), autoscaler="none")
     pool = plan_model_pool("auto", None, capacity)
     assert (pool.use_gpu, pool.device) == (False, "cpu")
-    assert pool.actor_resources == {"num_cpus": 4}
-    assert pool.actor_resources["num_cpus"] <= capacity.largest_node_cpus
-    # One replica per node that holds its reservation twice (the rest decodes and encodes).
-    assert (pool.min_actors, pool.max_actors, pool.initial_actors) == (1, 4, 4)
+    # No CPU reserved: one actor per core, and the listing and part writes always find a CPU.
+    assert pool.actor_resources == CPU_ACTOR
+    assert (pool.min_actors, pool.max_actors, pool.initial_actors) == (1, 32, 32)
 
 
-def test_cpu_pool_on_one_node_is_one_actor_with_half_its_cpus() -> None:
+def test_cpu_pool_on_one_node_is_one_actor_per_core() -> None:
     pool = plan_model_pool("auto", None, capacity_from([node(2, head=True)], (), autoscaler="none"))
-    assert (pool.max_actors, pool.actor_resources) == (1, {"num_cpus": 1})
+    assert (pool.max_actors, pool.initial_actors, pool.actor_resources) == (2, 2, CPU_ACTOR)
     pool = plan_model_pool("cpu", None, capacity_from([node(1, head=True)], (), autoscaler="none"))
-    assert (pool.max_actors, pool.actor_resources) == (1, {"num_cpus": 1})
+    assert (pool.max_actors, pool.initial_actors) == (1, 1)
 
 
-def test_cpu_reservation_may_size_for_an_addable_node_type() -> None:
-    # A 0-CPU head (a common setup) with 16-CPU workers that start at zero: the actor asks for 8, which
-    # the autoscaler's worker type provides.
+def test_cpu_pool_may_grow_onto_addable_node_types() -> None:
+    # A 0-CPU head (a common setup) with 16-CPU workers that start at zero: one actor asks for the first
+    # node, and the pool may grow to a core of each node the autoscaler can add.
     types = [NodeType("cpu_worker", {"CPU": 16}, 4)]
     capacity = capacity_from([node(0, head=True)], types, autoscaler="known", max_workers=4)
     pool = plan_model_pool("auto", None, capacity)
-    assert (pool.use_gpu, pool.actor_resources, pool.max_actors) == (False, {"num_cpus": 8}, 1)
+    assert (pool.use_gpu, pool.actor_resources) == (False, CPU_ACTOR)
+    assert (pool.min_actors, pool.max_actors, pool.initial_actors) == (1, 64, 1)
 
 
 def test_cuda_without_any_reachable_gpu_is_a_job_error() -> None:
@@ -129,7 +130,7 @@ def test_actors_caps_the_pool() -> None:
     pool = plan_model_pool("auto", 2, many_now)
     assert (pool.min_actors, pool.max_actors) == (2, 2)
     cpu = plan_model_pool("cpu", 3, capacity_from([node(8, head=True)], (), autoscaler="none"))
-    assert (cpu.max_actors, cpu.actor_resources) == (3, {"num_cpus": 4})
+    assert (cpu.max_actors, cpu.initial_actors, cpu.actor_resources) == (3, 3, CPU_ACTOR)
 
 
 def test_capacity_dataclass_is_usable_directly() -> None:

@@ -55,7 +55,16 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         "--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)"
     )
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on GPU, 8 on CPU)")
-    parser.add_argument("--actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
+    parser.add_argument(
+        "--actors", type=int, help="model actors (default: one per GPU, or one CPU actor per core)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="CUDA only: torch.compile the model (max-autotune, CUDA graphs) for one batch shape, every "
+        "call padded to --batch-size; measure it on your GPU first (default off; ignored on CPU)",
+    )
     parser.add_argument(
         "--ray-address",
         help="join this Ray cluster: HOST:PORT, ray://HOST:PORT, or auto (the cluster `ray start` started on "

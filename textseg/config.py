@@ -39,7 +39,7 @@ class JobConfig:
     device: Device = "auto"
     # None: 64 images per model call on a GPU (measured on an H100: throughput grows to ~128), 8 on a CPU.
     batch_size: int | None = None
-    # None: one model actor per GPU in the cluster, or one CPU actor when there is none.
+    # None: one model actor per GPU in the cluster, or one CPU actor per core when there is none.
     actors: int | None = None
     ray_address: str | None = None
     # Seconds the run waits for a first model actor to get its resources (GPUs an autoscaler is to add).
@@ -64,6 +64,9 @@ class JobConfig:
     # Attempt images whose latest attempt failed for a reason that cannot pass while the file is
     # unchanged (known bad: undecodable bytes), which an incremental run otherwise skips.
     retry_errors: bool = False
+    # CUDA only: torch.compile the model for one batch shape (`textseg.pipeline.label.Labeler`). Off until
+    # measured on the GPU it runs on: compilation costs start-up seconds that only a long run repays.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.source or not self.dest:

@@ -9,10 +9,15 @@ S3 (moto) behind tests/reliability/faulty_s3.py, which can park one request unti
 a process can be killed while it is provably in the middle of its work (the parked connection's TCP port
 names the process).
 
-- `processes`: the model actor is SIGKILLed while it is constructed (its process title ends in
-  `.__init__`), a decode task is SIGKILLed while its GET of one image is parked, and a write task
-  (`write_stage`) is SIGKILLed while its PUT of one mask is parked.
-- `node`: a worker node is removed (`cluster.remove_node`) while one of its tasks is parked the same way.
+- `processes`: the GPU plan's shape (decode tasks -> model actors -> write tasks, the model on the CPU
+  here): the model actor is SIGKILLed while it is constructed (its process title ends in `.__init__`),
+  a decode task is SIGKILLed while its GET of one image is parked, and a write task (`write_stage`) is
+  SIGKILLed while its PUT of one mask is parked.
+- `fused`: the CPU plan, whose actors decode, label and write their own images: an actor is SIGKILLed
+  while it is constructed, then one while its GET of an image is parked, then one while its PUT of a
+  mask is parked.
+- `node`: a worker node is removed (`cluster.remove_node`) while one of its tasks is parked the same way
+  (the GPU plan's shape).
 
 Each scenario prints one line `RESULT {json}` (images, rows, lost, duplicated, errors, the faults made)
 and copies the masks it wrote to WORKDIR/<scenario>-masks/ for the test to compare with its reference.
@@ -39,6 +44,7 @@ from tests.reliability.faulty_s3 import FaultyS3Proxy, Rule
 
 IMAGES = 10
 ACTOR_TITLE = "ray::MapWorker(MapBatches(Labeler))"
+FUSED_TITLE = "ray::MapWorker(MapBatches(DecodeLabelWrite))"
 DECODE_TITLE = "ray::MapBatches(decode_stage)"
 WRITE_TITLE = "ray::MapBatches(write_stage)"
 
@@ -79,24 +85,37 @@ def kill(pid: int) -> None:
     procs.wait_for(lambda: procs.process(pid) is None, attempts=200)
 
 
-def scenario_processes(workdir: pathlib.Path, model_dir: str, images: dict[str, bytes], s3: dict) -> dict:
+def split_pool() -> Any:
+    """The GPU plan's shape with its one model actor on the CPU (`run_ray`'s `pool`)."""
+    from textseg.plan.resources import ModelPool
+
+    return ModelPool(True, "cpu", 1, 1, 1, {"num_cpus": 0.5})
+
+
+def scenario_processes(
+    workdir: pathlib.Path, model_dir: str, images: dict[str, bytes], s3: dict, fused: bool = False
+) -> dict:
     """The model actor killed while loading the model, a decode task killed mid-read (its GET of one image
-    parked), then a write task killed mid-write (its PUT of one mask parked)."""
+    parked), then a write task killed mid-write (its PUT of one mask parked); in the fused CPU plan all
+    three are the actor that decodes, labels and writes."""
     read_rule = Rule("GET", "^src/" + re.escape(sorted(images)[1]) + "$", "hold", times=1)
     write_rule = Rule("PUT", "/masks/" + re.escape(_mask_name(sorted(images)[3])) + "$", "hold", times=1)
+    actor = FUSED_TITLE if fused else ACTOR_TITLE
 
     def inject(done: list[str]) -> None:
         # 1. The actor killed while constructing (importing torch, loading weights).
-        assert procs.wait_for(lambda: _titled(ACTOR_TITLE + ".__init__"), attempts=2400), "no actor init seen"
-        pid = _titled(ACTOR_TITLE + ".__init__")[0]
+        assert procs.wait_for(lambda: _titled(actor + ".__init__"), attempts=2400), "no actor init seen"
+        pid = _titled(actor + ".__init__")[0]
         kill(pid)
         done.append(f"actor pid {pid} killed in __init__")
-        # 2. A decode task killed in the middle of reading an image.
-        _kill_parked(read_rule, DECODE_TITLE, "decode worker", done)
-        # 3. A write task killed in the middle of writing a mask.
-        _kill_parked(write_rule, WRITE_TITLE, "CPU worker", done)
+        # 2. The process reading an image killed in the middle of the read.
+        _kill_parked(read_rule, actor if fused else DECODE_TITLE, "decode worker", done)
+        # 3. The process writing a mask killed in the middle of the write.
+        _kill_parked(write_rule, actor if fused else WRITE_TITLE, "CPU worker", done)
 
-    return _s3_scenario(workdir, model_dir, images, s3, "processes", [read_rule, write_rule], inject)
+    name = "fused" if fused else "processes"
+    pool = None if fused else split_pool()
+    return _s3_scenario(workdir, model_dir, images, s3, name, [read_rule, write_rule], inject, pool)
 
 
 def _kill_parked(rule: Rule, title_prefix: str, what: str, done: list[str]) -> None:
@@ -135,7 +154,7 @@ def scenario_node(
         done.append(f"removed {where} {node.node_id[:8]} (writer pid {pid})")
         rule.release()
 
-    return _s3_scenario(workdir, model_dir, images, s3, "node", [rule], inject)
+    return _s3_scenario(workdir, model_dir, images, s3, "node", [rule], inject, split_pool())
 
 
 def _s3_scenario(
@@ -146,6 +165,7 @@ def _s3_scenario(
     name: str,
     rules: list[Rule],
     inject: Any,
+    pool: Any,
 ) -> dict:
     proxy = FaultyS3Proxy(s3["endpoint_url"], rules=rules).start()
     try:
@@ -163,6 +183,7 @@ def _s3_scenario(
             list(images),
             s3["fs"],
             f"{s3['bucket']}/{name}-dest",
+            pool,
         )
         mask_puts = proxy.requests(lambda r: r.method == "PUT" and "/masks/" in r.key)
         multipart = proxy.requests(lambda r: "uploads" in r.query or "uploadId" in r.query)
@@ -181,12 +202,14 @@ def _run(
     expected: list[str],
     fs: fsspec.AbstractFileSystem,
     dest: str,
+    pool: Any,
 ) -> dict:
-    from textseg.api import run_job
+    from textseg.plan.prepare import prepare
+    from textseg.plan.runner_ray import run_ray
 
     fault = FaultThread(inject)
     fault.start()
-    summary = run_job(job)
+    summary = run_ray(prepare(job), pool)
     fault.join(timeout=5)  # the job is over: the faults happened, or never will
     runs = Runs.read(fs, dest)
     lost, duplicated = lost_and_duplicated(runs.rows, expected)
@@ -228,7 +251,7 @@ def _mask_name(relpath: str) -> str:
 
 def main(argv: list[str]) -> int:
     workdir, model_dir = pathlib.Path(argv[0]), argv[1]
-    scenarios = argv[2:] or ["processes", "node"]
+    scenarios = argv[2:] or ["processes", "fused", "node"]
     logging.basicConfig(level=logging.WARNING)
     import ray
     from moto.server import ThreadedMotoServer
@@ -274,8 +297,8 @@ def main(argv: list[str]) -> int:
     try:
         for name in scenarios:
             try:
-                if name == "processes":
-                    result = scenario_processes(workdir, model_dir, images, s3)
+                if name in ("processes", "fused"):
+                    result = scenario_processes(workdir, model_dir, images, s3, fused=name == "fused")
                 elif name == "node":
                     result = scenario_node(workdir, model_dir, images, s3, cluster, workers)
                 else:

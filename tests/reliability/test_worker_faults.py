@@ -1,5 +1,6 @@
 """Worker and node faults on a multi-node Ray cluster: the model actor killed while loading and mid-batch, a
-CPU worker killed mid-write, a worker node removed mid-write. Every image is accounted for exactly once.
+CPU worker killed mid-write, a worker node removed mid-write, and the CPU plan's actors killed while
+loading, reading and writing. Every image is accounted for exactly once.
 
 `ray.cluster_utils.Cluster` cannot share a process with the session's local Ray (`ray_session`), so the
 cluster runs in tests/reliability/cluster_faults.py, a script in its own session; this test reads its
@@ -90,6 +91,19 @@ def test_killed_model_actor_and_cpu_workers_lose_and_duplicate_no_row(cluster_re
     assert "__init__" in result["faults"][0]
     assert "decode_stage" in result["faults"][1] and "GET" in result["faults"][1]  # mid-read
     assert "write_stage" in result["faults"][2] and "PUT" in result["faults"][2]
+
+
+def test_killed_fused_cpu_actors_lose_and_duplicate_no_row(cluster_results: dict, ledger) -> None:
+    result = _check(
+        cluster_results,
+        "fused",
+        "Ray cluster, CPU plan: SIGKILL the decode-label-write actor in __init__, mid-read, mid-write",
+        ledger,
+    )
+    assert len(result["faults"]) == 3
+    assert "__init__" in result["faults"][0]
+    assert "DecodeLabelWrite" in result["faults"][1] and "GET" in result["faults"][1]  # mid-read
+    assert "DecodeLabelWrite" in result["faults"][2] and "PUT" in result["faults"][2]  # mid-write
 
 
 def test_a_node_removed_mid_run_loses_and_duplicates_no_row(cluster_results: dict, ledger) -> None:

@@ -26,6 +26,13 @@ from textseg.labels.postprocess import ClassGrouping, class_scores, label_image,
 from textseg.models import ModelRef, load_model, resolve_device
 from textseg.ontology import Ontology
 from textseg.pipeline.batches import Batch, CrashLedger, isolate, unpack_nodata
+from textseg.pipeline.settings import (
+    MODEL_CALLS,
+    MODEL_IMAGES,
+    MODEL_STARTUP_MS,
+    MODELS_READY,
+    ProgressCounter,
+)
 
 
 class Labeler:
@@ -39,25 +46,51 @@ class Labeler:
         batch_size: int = 8,
         keep_scores: bool = False,
         crashes: CrashLedger | None = None,
+        progress: ProgressCounter | None = None,
+        compile: bool = False,
     ):
         """keep_scores: also ship whole images' quantized class scores (vectors need per-polygon scores);
-        crashes: where a restarted actor learns which image killed it (`isolate`)."""
+        crashes: where a restarted actor learns which image killed it (`isolate`); progress: told when
+        the model is ready and how long that took (the run summary's start-up seconds); compile: on
+        CUDA, `torch.compile` the model's forward (max-autotune: CUDA graphs) for one batch shape, every
+        call padded to `batch_size` (`--compile`; off until measured on the GPU it runs on). The padding
+        applies on any device, so the CPU tests check it; compilation only on CUDA."""
         self.crashes = crashes
+        self.progress = progress
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
         self.keep_scores = keep_scores
         self._pinned: torch.Tensor | None = None  # reused host staging buffer for GPU -> CPU copies
+        self._pinned_in: torch.Tensor | None = None  # and for CPU -> GPU copies of the pixels
+        self.fixed_batch = compile  # every model call `batch_size` images: one compiled shape
         self._succeeded = False  # some batch went through: a later OOM is that batch's, not the job's
+        started = time.perf_counter()
         try:
             self.backend = load_model(model, str(self.device)).eval()
             self.grouping = ClassGrouping(tuple(ontology.prompt_class_index), tuple(ontology.thresholds))
+            self._score = self.backend.score
+            if compile and self.device.type == "cuda":
+                self._score = torch.compile(self.backend.score, mode="max-autotune", dynamic=False)
             with torch.inference_mode():
                 self.prompt_embeddings = self.backend.embed_prompts(ontology.prompts)
+                self._warm_up()
         except Exception as err:
             raise JobError(
                 f"the model {model.model_id!r} cannot be loaded on the {self.device.type} workers: "
                 f"{describe_exception(err)}"
             ) from None
+        if progress is not None:
+            progress.add(**{MODELS_READY: 1, MODEL_STARTUP_MS: round((time.perf_counter() - started) * 1000)})
+
+    def _warm_up(self) -> None:
+        """One image through the model before the first batch: CUDA's context, kernels and allocator
+        are set up while the listing and the first decodes run, not on the first batch's clock."""
+        height, width = self.backend.input_spec.size
+        ramp = torch.arange(height * width * 3, device=self.device) % 251  # an image, not a blank
+        pixels = ramp.to(torch.uint8).reshape(1, height, width, 3)
+        self._model(pixels)  # with --compile, this compiles
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def __call__(self, batch: Batch) -> Batch:
         """`label` isolated per image; see `label` for the columns."""
@@ -88,12 +121,14 @@ class Labeler:
         score_sums = np.zeros((count, bins), dtype=np.float64)
         elapsed = batch["elapsed_ms"].astype(np.float64)
         todo = [i for i in range(count) if not batch["error"][i]]
+        if todo and self.progress is not None:  # how full the model's batches are (the run summary's)
+            calls = -(-len(todo) // self.batch_size)
+            self.progress.add(**{MODEL_CALLS: calls, MODEL_IMAGES: len(todo)})
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             started = time.perf_counter()
             with torch.inference_mode():
-                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][chunk])).to(self.device)
-                logits = self.backend.score(self.backend.normalize(pixels), self.prompt_embeddings)
+                logits = self._model(self._to_device(batch["pixels"][chunk]))
                 for j, i in enumerate(chunk):
                     size = (int(batch["height"][i]), int(batch["width"][i]))
                     kind = self.backend.score_kind
@@ -124,6 +159,28 @@ class Labeler:
             elapsed_ms=elapsed,
         )
         return out
+
+    def _model(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, h, w, 3) on the device -> the backend's logits for those B images; with a fixed
+        batch, padded with copies of the last image to `batch_size` and the padding's logits dropped."""
+        count = pixels.shape[0]
+        if self.fixed_batch and count < self.batch_size:
+            pixels = torch.cat([pixels, pixels[-1:].expand(self.batch_size - count, *pixels.shape[1:])])
+        return self._score(self.backend.normalize(pixels), self.prompt_embeddings)[:count]
+
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        """Model-size uint8 pixels -> a tensor on the device. To a GPU, through one reused pinned buffer
+        with a non-blocking copy (a pageable copy is staged by the driver at a fraction of the speed).
+        Reusing the buffer is safe: each call's labels come back through `_to_host`, which waits for the
+        GPU, before the next chunk's pixels are copied in."""
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type != "cuda":
+            return host
+        if self._pinned_in is None or self._pinned_in.numel() < host.numel():
+            self._pinned_in = torch.empty(host.numel(), dtype=torch.uint8, pin_memory=True)
+        staging = self._pinned_in[: host.numel()].view(host.shape)
+        staging.copy_(host)
+        return staging.to(self.device, non_blocking=True)
 
     def _to_host(self, values: torch.Tensor) -> bytes:
         """uint8 tensor -> its raw bytes on the host. From a GPU, through one reused pinned buffer: copies

@@ -30,6 +30,14 @@ class ProgressCounter(Protocol):
     def add(self, **counts: int) -> None: ...
 
 
+# Counted by model actors once their model is ready (weights loaded, prompts embedded, warmed up): how many,
+# and the milliseconds it took them in all (`textseg.pipeline.label.Labeler`).
+MODELS_READY, MODEL_STARTUP_MS = "models_ready", "model_startup_ms"
+# Counted by model actors per batch they are given: model calls and the images in them (how full the
+# batches the model sees are: Ray Data may hand an actor less than the batch size it asked for).
+MODEL_CALLS, MODEL_IMAGES = "model_calls", "model_images"
+
+
 SCRATCH_DIR = "_work"  # DEST/_work/<run_id>: a run's scene windows and polygon pieces, removed when it ends
 
 

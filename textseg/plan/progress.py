@@ -22,25 +22,72 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from textseg.pipeline.settings import MODEL_CALLS, MODEL_IMAGES, MODEL_STARTUP_MS, MODELS_READY
+
 LOG_EVERY_S = 30.0  # a plain progress line this often when stdout is not a terminal
 REFRESH_S = 1.0  # how often a terminal's bar is redrawn
 FIELDS = ("listed", "skipped", "ok", "error", "shards")
+MODEL_FIELDS = (MODELS_READY, MODEL_STARTUP_MS, MODEL_CALLS, MODEL_IMAGES)
+
+
+class Counts:
+    """Counts added by the stages, and the wall-clock time (time.time()) at which each first rose above
+    zero: when the first model became ready and the first image was labeled, for the run's start-up
+    seconds (`startup_seconds`)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first_at: dict[str, float] = {}
+
+    def add(self, counts: dict[str, int]) -> None:
+        now = time.time()
+        for name, value in counts.items():
+            if value > 0:
+                self.first_at.setdefault(name, now)
+        self.counts.update(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        return {field: self.counts[field] for field in (*FIELDS, *MODEL_FIELDS)}
+
+
+def startup_seconds(
+    counts: dict[str, int], first_at: dict[str, float], started_wall: float
+) -> dict[str, float]:
+    """What the run's summary says about its start (seconds): `first_model_ready` and `first_mask` after the
+    run started, and `model_startup`, the mean time a model actor took to load, embed and warm up."""
+    out = {
+        name: round(first_at[key] - started_wall, 3)
+        for name, key in (("first_model_ready", MODELS_READY), ("first_mask", "ok"))
+        if key in first_at
+    }
+    if counts.get(MODELS_READY):
+        out["model_startup"] = round(counts[MODEL_STARTUP_MS] / counts[MODELS_READY] / 1000, 3)
+    return out
+
+
+def mean_model_batch(counts: dict[str, int]) -> float | None:
+    """Images per model call over the run, or None when the model saw no image."""
+    return round(counts[MODEL_IMAGES] / counts[MODEL_CALLS], 2) if counts.get(MODEL_CALLS) else None
 
 
 class LocalProgress:
     """The counter of the in-process runner."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self._counts = Counts()
         self._lock = threading.Lock()
 
     def add(self, **counts: int) -> None:
         with self._lock:
-            self.counts.update(counts)
+            self._counts.add(counts)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {field: self.counts[field] for field in FIELDS}
+            return self._counts.snapshot()
+
+    def startup(self, started_wall: float) -> dict[str, float]:
+        with self._lock:
+            return startup_seconds(self._counts.snapshot(), self._counts.first_at, started_wall)
 
 
 class ProgressDisplay:

@@ -3,25 +3,27 @@ counts to without waiting (see `textseg.plan.progress`)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import ray
 
-from textseg.plan.progress import FIELDS
+from textseg.plan.progress import Counts, startup_seconds
 from textseg.plan.run_actors import actor_named, start_on_driver_node
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class _Counts:
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.counts = Counts()
 
     def add(self, counts: dict[str, int]) -> None:
-        self.counts.update(counts)
+        self.counts.add(counts)
 
     def snapshot(self) -> dict[str, int]:
-        return {field: self.counts[field] for field in FIELDS}
+        return self.counts.snapshot()
+
+    def startup(self, started_wall: float) -> dict[str, float]:
+        return startup_seconds(self.counts.snapshot(), self.counts.first_at, started_wall)
 
 
 class RayProgress:
@@ -48,6 +50,20 @@ class RayProgress:
 
     def snapshot(self) -> dict[str, int]:
         return dict(ray.get(self._actor().snapshot.remote()))
+
+    def startup(self, started_wall: float) -> dict[str, float]:
+        """`textseg.plan.progress.startup_seconds` of this run; {} when the counter cannot answer."""
+        try:
+            return dict(ray.get(self._actor().startup.remote(started_wall), timeout=30))
+        except Exception:  # noqa: BLE001 - start-up seconds are a report, never a reason to fail a run
+            return {}
+
+    def counts(self) -> dict[str, int]:
+        """Every count, the model's included; {} when the counter cannot answer (a report only)."""
+        try:
+            return dict(ray.get(self._actor().snapshot.remote(), timeout=30))
+        except Exception:  # noqa: BLE001 - see startup
+            return {}
 
     def _actor(self) -> Any:
         return actor_named(self.name)

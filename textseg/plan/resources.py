@@ -49,6 +49,12 @@ TASKS_IN_FLIGHT_PER_ACTOR = 2
 # How long the driver waits for the head node to report the autoscaler's node types.
 HEAD_QUERY_TIMEOUT_S = 60.0
 HEAD_RESOURCE = "node:__internal_head__"
+# What a CPU model actor reserves, while it keeps one core busy (one torch thread): no CPU. One actor per
+# core is the plan's own count; a reservation would only make the light tasks beside them (the listing,
+# block splitting, metadata part writes: 1 CPU each) wait forever behind actors holding every CPU (on a
+# 1-CPU node even half a CPU each did).
+CPU_ACTOR_CPUS = 0
+CPU_ACTOR_THREADS = 1  # torch threads of a CPU actor: one process per core, like a process pool
 
 
 class ResourcesError(JobError, ValueError):
@@ -112,7 +118,7 @@ class ModelPool:
     max_actors: int
     # Actors created when the stage starts: the whole pool (see `map_batches_kwargs`).
     initial_actors: int
-    actor_resources: dict[str, float]  # {"num_gpus": 1} or {"num_cpus": n}
+    actor_resources: dict[str, Any]  # {"num_gpus": 1}, or {"num_cpus": CPU_ACTOR_CPUS} spread over nodes
 
 
 def plan_model_pool(device: str, actors: int | None, capacity: ClusterCapacity) -> ModelPool:
@@ -122,11 +128,9 @@ def plan_model_pool(device: str, actors: int | None, capacity: ClusterCapacity) 
       pending GPU actor is what makes the autoscaler add one), CPU actors otherwise.
     - GPU: one GPU per actor; at least one actor per GPU present, at most `--actors` or every GPU the
       cluster can reach.
-    - CPU: each actor reserves half of the largest node's CPUs (at least 1), so that it fits on one node
-      and leaves the other half for decoding and encoding there; one actor per node alive now that holds
-      such a reservation twice (at least one), or `--actors`. One model replica per node rather than
-      several smaller ones: torch's threads follow the reservation (OMP_NUM_THREADS), and replicas on one
-      node would only split the same cores and hold the model in memory once more each.
+    - CPU: one actor per CPU alive now (or `--actors`), each decoding, labeling and writing its own
+      images on one core with one torch thread (`textseg.pipeline.fused`), as a process pool would; the
+      pool may grow to one per CPU the autoscaler can add.
 
     Raises `ResourcesError` for `--device cuda` when the cluster has no GPU and its autoscaler is known
     to be unable to add one.
@@ -145,10 +149,9 @@ def plan_model_pool(device: str, actors: int | None, capacity: ClusterCapacity) 
         most = actors or max(1, capacity.max_gpus)
         least = min(most, max(1, capacity.gpus_now))
         return ModelPool(True, "cuda", least, most, most, {"num_gpus": 1})
-    per_actor = max(1, capacity.largest_node_cpus // 2)
-    hosts = sum(1 for cpus in capacity.node_cpus if cpus >= 2 * per_actor)
-    most = actors or max(1, hosts)
-    return ModelPool(False, "cpu", 1, most, most, {"num_cpus": per_actor})
+    most = actors or max(1, capacity.max_cpus)
+    resources = {"num_cpus": CPU_ACTOR_CPUS, "scheduling_strategy": "SPREAD"}  # one per core on every node
+    return ModelPool(False, "cpu", 1, most, actors or min(most, max(1, capacity.cpus_now)), resources)
 
 
 def map_batches_kwargs(pool: ModelPool) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The in-process runner: the same stage functions as the Ray plan, in one process, no Ray.
 
 Tests and benchmarks use it, and so can a notebook with a handful of images. Work rows stream from the
-listing (`textseg.plan.work.list_work`) one image at a time through decode -> model -> write; metadata
+listing (`textseg.plan.work.list_work`) one image at a time through decode -> model -> write
+(`textseg.pipeline.fused`, as the Ray plan's CPU actors run them); metadata
 parts are written every PART_ROWS rows, as the Ray plan's sink does.
 """
 
@@ -15,14 +16,12 @@ import pyarrow as pa
 from textseg.outputs.metadata import METADATA_SCHEMA, Tally, write_metadata_part
 from textseg.outputs.sinks import PART_ROWS
 from textseg.outputs.state import DoneIndex
-from textseg.pipeline.batches import batch_len, rows_to_batch, take
-from textseg.pipeline.decode import decode_stage
-from textseg.pipeline.label import Labeler
+from textseg.pipeline.batches import rows_to_batch
+from textseg.pipeline.fused import DecodeLabelWrite
 from textseg.pipeline.scenes import assemble_batch, manifest_uris
-from textseg.pipeline.write import write_stage
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
-from textseg.plan.progress import LocalProgress, ProgressDisplay
+from textseg.plan.progress import LocalProgress, ProgressDisplay, mean_model_batch
 from textseg.plan.summary import RunSummary
 from textseg.plan.work import ListingTally, list_work
 
@@ -70,15 +69,20 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> RunS
     work_settings = dataclasses.replace(plan.work_settings(index), progress=counts)
 
     def execute() -> None:
-        labeler: Labeler | None = None  # loaded at the first image: a run with nothing to do loads no model
+        stages: DecodeLabelWrite | None = None  # loaded at the first image: nothing to do, no model
         for work in list_work(plan.shards, work_settings, listing):
             for row in work.to_pylist():
-                if labeler is None:
-                    labeler = Labeler(plan.model, plan.ontology, config.device, batch_size, config.vectors)
-                pieces = decode_stage(rows_to_batch([row]), settings)
-                for start in range(0, batch_len(pieces), batch_size):
-                    chunk = take(pieces, range(start, min(start + batch_size, batch_len(pieces))))
-                    parts.add(write_stage(labeler(chunk), settings))
+                if stages is None:
+                    stages = DecodeLabelWrite(
+                        plan.model,
+                        plan.ontology,
+                        settings,
+                        config.device,
+                        batch_size,
+                        config.vectors,
+                        config.compile,
+                    )
+                parts.add(stages(rows_to_batch([row])))
         parts.flush()
         for uri in manifest_uris(settings):
             scenes.add(assemble_batch({"manifest_uri": np.array([uri], dtype=object)}, settings))
@@ -89,4 +93,6 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> RunS
     else:
         execute()
     parts.tally.add(scenes.tally)
+    plan.summary.startup_s = counts.startup(plan.started_wall)
+    plan.summary.mean_model_batch = mean_model_batch(counts.snapshot())
     return finish(plan, listing, parts.tally)

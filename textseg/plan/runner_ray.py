@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,16 +37,19 @@ from textseg.outputs.metadata import Tally
 from textseg.outputs.sinks import MetadataDatasink
 from textseg.outputs.state import DoneIndex
 from textseg.pipeline.decode import decode_stage
-from textseg.pipeline.label import Labeler
+from textseg.pipeline.fused import DecodeLabelWrite
 from textseg.pipeline.scenes import assemble_batch, manifest_uris
+from textseg.pipeline.settings import StageSettings
 from textseg.pipeline.write import write_stage
 from textseg.plan.bounds import StartupWatchdog, cannot_join, ray_address_to_join
 from textseg.plan.crash_ledger import RayCrashLedger
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
-from textseg.plan.progress import ProgressDisplay
+from textseg.plan.progress import ProgressDisplay, mean_model_batch
 from textseg.plan.ray_progress import RayProgress
 from textseg.plan.resources import (
+    CPU_ACTOR_THREADS,
+    ClusterCapacity,
     ModelPool,
     cluster_capacity,
     map_batches_kwargs,
@@ -60,9 +64,14 @@ log = logging.getLogger(__name__)
 
 # Rows per CPU task: enough to amortize task overhead, small enough to spread over every core.
 CPU_TASK_BATCH = 16
+# Work rows per block after the listing: about a second of decoding (GPU plan) or 3 s of all three
+# stages on one core (CPU plan), so a shard's images spread over every core, the first masks land
+# within seconds and the last blocks end close together, while the driver's per-block bookkeeping
+# stays small at millions of images.
+WORK_BLOCK_ROWS = 128
 # Images per model call: a GPU keeps getting faster up to ~128; a CPU gains nothing past ~8.
 GPU_BATCH, CPU_BATCH = 64, 8
-SPREAD = {"scheduling_strategy": "SPREAD"}
+SPREAD: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
 # Workers' output reaches the driver (and `ray job logs`): the tracebacks behind error rows
 # (textseg.pipeline.batches) and what a dying worker printed. Ray's own log lines (a token-auth notice
 # on every start, Ray Data's execution plan) stay out unless --verbose: ERROR is raised to WARNING then.
@@ -132,13 +141,16 @@ def _call(fn: Callable[[Any], Any], item: Any) -> Any:
     return fn(item)
 
 
-def run_ray(plan: JobPlan) -> RunSummary:
+def run_ray(plan: JobPlan, pool: ModelPool | None = None) -> RunSummary:
     """Run the plan on the connected Ray cluster and close the run; raises `JobError` after writing the
-    summary when the run cannot go on."""
+    summary when the run cannot go on. `pool`: the model actors to run (default: planned from --device,
+    --actors and the cluster's capacity); a GPU pool gets the plan with decoding and writing apart."""
     config = plan.config
+    started = time.perf_counter()
     connect(config.ray_address, config.verbose)
+    connected_s = round(time.perf_counter() - started, 3)
     capacity = cluster_capacity()
-    pool = plan_model_pool(config.device, config.actors, capacity)
+    pool = pool or plan_model_pool(config.device, config.actors, capacity)
     merge_pending_runs(plan, ray_map)
     index = DoneIndex.load(config.dest, config.storage_options)
     # Kept for the run's length: the ledger actor lives as long as this handle.
@@ -155,53 +167,50 @@ def run_ray(plan: JobPlan) -> RunSummary:
     scene_sink = MetadataDatasink(plan.metadata_uri, config.storage_options, "part-scenes-")
     failure: str | None = None
     # Model actors that never get their resources end the run after --startup-timeout.
-    watchdog = StartupWatchdog(pool, config.startup_timeout, actor_class=Labeler.__name__)
+    actor_class = "Labeler" if pool.use_gpu else DecodeLabelWrite.__name__
+    watchdog = StartupWatchdog(pool, config.startup_timeout, actor_class=actor_class)
     try:
         # SPREAD: listing, decoding and writing use every node's CPUs, not just the head's.
         work_settings = dataclasses.replace(plan.work_settings(index), progress=progress)
         source = ListingDatasource(plan.shards, work_settings)
         dataset = ray.data.read_datasource(  # SPREAD: DataContext's default scheduling strategy
             source,
-            # One read task per shard and no splitting of its blocks: every task and block costs the
-            # driver ~2 KB of bookkeeping until the run ends, so blocks stay at BLOCK_ROWS.
+            # One read task per shard: every task and block costs the driver ~2 KB of bookkeeping until
+            # the run ends.
             override_num_blocks=source.task_count,
         )
-        dataset = dataset.map_batches(
-            functools.partial(decode_stage, settings=settings),
-            batch_size=CPU_TASK_BATCH,
-            batch_format="numpy",
-            num_cpus=1,
-            **SPREAD,
-        )
+        # A listing task's blocks arrive merged (Ray Data bundles a task's output up to 128 MiB): as one
+        # block, a shard of thousands of images would be decoded by one task on one core.
+        dataset = dataset.repartition(target_num_rows_per_block=WORK_BLOCK_ROWS, strict=True)
         batch_size = config.batch_size or (GPU_BATCH if pool.use_gpu else CPU_BATCH)
-        dataset = dataset.map_batches(
-            Labeler,
-            fn_constructor_kwargs={
-                "model": plan.model,
-                "ontology": plan.ontology,
-                "device": pool.device,
-                "batch_size": batch_size,
-                "keep_scores": config.vectors,
-                "crashes": crashes,
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            # Unlike the CPU stages' SPREAD, so Ray never fuses decoding into the model actors.
-            scheduling_strategy="DEFAULT",
-            **map_batches_kwargs(pool),
-        )
-        dataset = dataset.map_batches(
-            functools.partial(write_stage, settings=settings),
-            batch_size=CPU_TASK_BATCH,
-            batch_format="numpy",
-            **write_task_kwargs(capacity),
-            **SPREAD,
-        )
+        if pool.use_gpu:
+            dataset = _gpu_stages(dataset, plan, settings, pool, batch_size, crashes, capacity)
+        else:
+            dataset = dataset.map_batches(
+                DecodeLabelWrite,
+                fn_constructor_kwargs={
+                    "model": plan.model,
+                    "ontology": plan.ontology,
+                    "settings": settings,
+                    "device": pool.device,
+                    "batch_size": batch_size,
+                    "keep_scores": config.vectors,
+                    "compile": config.compile,
+                    "torch_threads": CPU_ACTOR_THREADS,
+                },
+                batch_size=WORK_BLOCK_ROWS,
+                batch_format="numpy",
+                **map_batches_kwargs(pool),
+            )
 
         # Not fused with the write stage: a fused stage would wait for a whole part's rows before
         # writing a single mask; this way masks land as images finish, and parts as rows add up.
         def execute() -> None:
             dataset.write_datasink(sink, ray_remote_args=PART_WRITER)
+            import os
+
+            if os.environ.get("TS_STATS"):
+                open(os.environ["TS_STATS"], "w").write(dataset.stats())
             manifests = manifest_uris(settings)
             if manifests:
                 scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
@@ -229,12 +238,64 @@ def run_ray(plan: JobPlan) -> RunSummary:
     rows.add(sink.tally)
     rows.add(scene_sink.tally)
     listing = read_listing_tallies(plan.tally_uri, config.storage_options)
+    plan.summary.startup_s = {"connect": connected_s, **progress.startup(plan.started_wall)}
+    plan.summary.mean_model_batch = mean_model_batch(progress.counts())
     summary = finish(plan, listing, rows, ray_map, failure)
     if failure == "interrupted":
         raise RunInterrupted(summary.run_id)
     if failure is not None:
         raise JobError(failure.removeprefix("failed: ") + f" (run summary: {summary.run_id})")
     return summary
+
+
+def _gpu_stages(
+    dataset: ray.data.Dataset,
+    plan: JobPlan,
+    settings: StageSettings,
+    pool: ModelPool,
+    batch_size: int,
+    crashes: RayCrashLedger,
+    capacity: ClusterCapacity,
+) -> ray.data.Dataset:
+    """Decode tasks -> GPU actors -> write tasks: the CPUs decode and encode while the GPUs label."""
+    from textseg.pipeline.label import Labeler  # torch: only a GPU plan's driver needs to name it
+
+    dataset = dataset.map_batches(
+        functools.partial(decode_stage, settings=settings),
+        batch_size=CPU_TASK_BATCH,
+        batch_format="numpy",
+        num_cpus=1,
+        **SPREAD,
+    )
+    # Blocks of exactly one model batch: Ray Data bundles whole blocks for an actor, so blocks cut by
+    # size (128 MiB of pixels) or by the work blocks' rows would leave part-filled batches (seen: a mean
+    # of 75-90 images where 128 were asked).
+    dataset = dataset.repartition(target_num_rows_per_block=batch_size, strict=True)
+    dataset = dataset.map_batches(
+        Labeler,
+        fn_constructor_kwargs={
+            "model": plan.model,
+            "ontology": plan.ontology,
+            "device": pool.device,
+            "batch_size": batch_size,
+            "keep_scores": plan.config.vectors,
+            "crashes": crashes,
+            "progress": settings.progress,
+            "compile": plan.config.compile,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        # Unlike the CPU stages' SPREAD, so Ray never fuses decoding into the model actors.
+        scheduling_strategy="DEFAULT",
+        **map_batches_kwargs(pool),
+    )
+    return dataset.map_batches(
+        functools.partial(write_stage, settings=settings),
+        batch_size=CPU_TASK_BATCH,
+        batch_format="numpy",
+        **write_task_kwargs(capacity),
+        **SPREAD,
+    )
 
 
 def _starting(pool: ModelPool, shards: int) -> str:

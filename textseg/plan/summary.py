@@ -37,6 +37,12 @@ class RunSummary:
     ok: int = 0
     error: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
+    # How the run started, in seconds (`textseg.plan.progress.startup_seconds`): connecting to Ray, the
+    # first model ready and the first mask written (both after the run started), and the mean time a
+    # model actor took to load, embed the prompts and warm up. These overlap `timings_s["labeling"]`.
+    startup_s: dict[str, float] = field(default_factory=dict)
+    # Images per model call, over the run: the batch size the model actually saw (None: no image).
+    mean_model_batch: float | None = None
     # The most frequent error categories (a reason's text before ':'), each with one full example.
     top_errors: list[tuple[str, int]] = field(default_factory=list)
     error_examples: dict[str, str] = field(default_factory=dict)
