@@ -80,30 +80,32 @@ def _check(cluster_results: dict, scenario: str, fault: str, ledger) -> dict:
     return result
 
 
-def test_killed_model_actor_and_cpu_workers_lose_and_duplicate_no_row(cluster_results: dict, ledger) -> None:
-    result = _check(
-        cluster_results,
-        "processes",
-        "Ray cluster: SIGKILL model actor (in __init__) + decode task (mid-read) + write task (mid-write)",
-        ledger,
-    )
+@pytest.mark.parametrize(
+    "scenario, fault, reader, writer",
+    [
+        (
+            "processes",
+            "Ray cluster: SIGKILL model actor (in __init__) + decode task (mid-read) + write task "
+            "(mid-write)",
+            "decode_stage",
+            "write_stage",
+        ),
+        (
+            "fused",
+            "Ray cluster, CPU plan: SIGKILL the decode-label-write actor in __init__, mid-read, mid-write",
+            "DecodeLabelWrite",
+            "DecodeLabelWrite",
+        ),
+    ],
+)
+def test_killed_model_actors_and_cpu_workers_lose_and_duplicate_no_row(
+    cluster_results: dict, ledger, scenario: str, fault: str, reader: str, writer: str
+) -> None:
+    result = _check(cluster_results, scenario, fault, ledger)
     assert len(result["faults"]) == 3
     assert "__init__" in result["faults"][0]
-    assert "decode_stage" in result["faults"][1] and "GET" in result["faults"][1]  # mid-read
-    assert "write_stage" in result["faults"][2] and "PUT" in result["faults"][2]
-
-
-def test_killed_fused_cpu_actors_lose_and_duplicate_no_row(cluster_results: dict, ledger) -> None:
-    result = _check(
-        cluster_results,
-        "fused",
-        "Ray cluster, CPU plan: SIGKILL the decode-label-write actor in __init__, mid-read, mid-write",
-        ledger,
-    )
-    assert len(result["faults"]) == 3
-    assert "__init__" in result["faults"][0]
-    assert "DecodeLabelWrite" in result["faults"][1] and "GET" in result["faults"][1]  # mid-read
-    assert "DecodeLabelWrite" in result["faults"][2] and "PUT" in result["faults"][2]  # mid-write
+    assert reader in result["faults"][1] and "GET" in result["faults"][1]  # mid-read
+    assert writer in result["faults"][2] and "PUT" in result["faults"][2]  # mid-write
 
 
 def test_a_node_removed_mid_run_loses_and_duplicates_no_row(cluster_results: dict, ledger) -> None:
