@@ -422,6 +422,14 @@ def interrupted_sentence(err: KeyboardInterrupt) -> str:
     return "interrupted; run the same command to finish the run"
 
 
+def _stop_ray() -> None:
+    """Stop (or leave) Ray before a run's last sentence: killing its actors makes Ray's own processes
+    log to this output, and the sentence must be the last line a user reads."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -438,9 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return run_train(args)
     except (ValueError, RuntimeError, OSError) as err:
+        _stop_ray()
         print(f"textseg: {err}", file=sys.stderr)
         return EXIT_JOB_ERROR
     except KeyboardInterrupt as err:
+        _stop_ray()
         print(f"textseg: {interrupted_sentence(err)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     raise AssertionError(f"unhandled command {args.command}")

@@ -1,19 +1,25 @@
-"""The Ray Data plan: listing tasks -> decode (CPU tasks) -> model actors -> write (CPU tasks) -> sink.
+"""The Ray Data plan: listing tasks -> blocks of WORK_BLOCK_ROWS -> decode, model, write -> sink.
 
     read_datasource(ListingDatasource)   one read task per listing shard: lists, skips what DEST's
                                          state says is done, streams work rows (textseg.plan.work)
+    -> repartition       blocks of WORK_BLOCK_ROWS rows (Ray Data merges a read task's output into one)
+    GPU actors (the stages apart, so the CPUs decode and encode while the GPUs label):
     -> decode_stage      CPU tasks: compressed bytes in, model-size uint8 pixels out
-    -> Labeler           actor pool (one GPU each, or CPU actors; textseg.plan.resources)
+    -> repartition       blocks of exactly one model batch
+    -> Labeler           one actor per GPU (textseg.plan.resources)
     -> write_stage       CPU tasks (no CPU reserved: resources.write_task_kwargs): masks, metadata rows
+    CPU actors (one per core, no CPU reserved):
+    -> DecodeLabelWrite  the three stages in each actor's process (textseg.pipeline.fused)
     -> MetadataDatasink  DEST/metadata/<run_id>/part-*.parquet, ~100 k rows a part, tallies back
 
-The driver holds the plan (shards, the state's file list) and tallies, never a row per image. Rows carry
-compressed-image URIs into the decode tasks and uint8 pixels out of them, so decoded images never cross
-the object store; actors ship uint8 labels, never float scores. Ray retries failed tasks and restarts dead
-actors (an image that kills its worker twice becomes an error row: textseg.plan.crash_ledger); every
-write is idempotent (masks are rewritten atomically under the same name, part files are
-named by write task), so a retried task never duplicates a row. A stage that raises on a batch retries
-it image by image (textseg.pipeline.batches); a `JobError` from any stage ends the run at once.
+The driver holds the plan (shards, the state's file list) and tallies, never a row per image, and never
+imports torch. Rows carry compressed-image URIs into decoding and uint8 pixels out of it, so decoded
+images never cross the object store; GPU actors ship uint8 labels, never float scores. Ray retries
+failed tasks and restarts dead actors (an image that kills its worker twice becomes an error row:
+textseg.plan.crash_ledger); every write is idempotent (masks are rewritten atomically under the same
+name, part files are named by write task), so a retried task never duplicates a row. A stage that
+raises on a batch retries it image by image (textseg.pipeline.batches); a `JobError` from any stage
+ends the run at once.
 """
 
 from __future__ import annotations
