@@ -49,6 +49,12 @@ class Counts:
     def snapshot(self) -> dict[str, int]:
         return {field: self.counts[field] for field in (*FIELDS, *MODEL_FIELDS)}
 
+    def report(self, started_wall: float) -> tuple[dict[str, float], float | None]:
+        """(`startup_seconds`, `mean_model_batch`): what the run summary says of the run's start and of
+        its model's batches."""
+        counts = self.snapshot()
+        return startup_seconds(counts, self.first_at, started_wall), mean_model_batch(counts)
+
 
 def startup_seconds(
     counts: dict[str, int], first_at: dict[str, float], started_wall: float
@@ -85,9 +91,9 @@ class LocalProgress:
         with self._lock:
             return self._counts.snapshot()
 
-    def startup(self, started_wall: float) -> dict[str, float]:
+    def report(self, started_wall: float) -> tuple[dict[str, float], float | None]:
         with self._lock:
-            return startup_seconds(self._counts.snapshot(), self._counts.first_at, started_wall)
+            return self._counts.report(started_wall)
 
 
 class ProgressDisplay:

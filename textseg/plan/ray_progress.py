@@ -7,8 +7,10 @@ from typing import Any
 
 import ray
 
-from textseg.plan.progress import Counts, startup_seconds
+from textseg.plan.progress import Counts
 from textseg.plan.run_actors import actor_named, start_on_driver_node
+
+REPORT_TIMEOUT_S = 5.0  # how long closing a run waits for the counter's report
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -22,8 +24,8 @@ class _Counts:
     def snapshot(self) -> dict[str, int]:
         return self.counts.snapshot()
 
-    def startup(self, started_wall: float) -> dict[str, float]:
-        return startup_seconds(self.counts.snapshot(), self.counts.first_at, started_wall)
+    def report(self, started_wall: float) -> tuple[dict[str, float], float | None]:
+        return self.counts.report(started_wall)
 
 
 class RayProgress:
@@ -51,19 +53,14 @@ class RayProgress:
     def snapshot(self) -> dict[str, int]:
         return dict(ray.get(self._actor().snapshot.remote()))
 
-    def startup(self, started_wall: float) -> dict[str, float]:
-        """`textseg.plan.progress.startup_seconds` of this run; {} when the counter cannot answer."""
+    def report(self, started_wall: float) -> tuple[dict[str, float], float | None]:
+        """`textseg.plan.progress.Counts.report` of this run; nothing when the counter does not answer
+        within seconds (a report only: a run that was interrupted must still close promptly)."""
         try:
-            return dict(ray.get(self._actor().startup.remote(started_wall), timeout=30))
+            startup, batch = ray.get(self._actor().report.remote(started_wall), timeout=REPORT_TIMEOUT_S)
+            return dict(startup), batch
         except Exception:  # noqa: BLE001 - start-up seconds are a report, never a reason to fail a run
-            return {}
-
-    def counts(self) -> dict[str, int]:
-        """Every count, the model's included; {} when the counter cannot answer (a report only)."""
-        try:
-            return dict(ray.get(self._actor().snapshot.remote(), timeout=30))
-        except Exception:  # noqa: BLE001 - see startup
-            return {}
+            return {}, None
 
     def _actor(self) -> Any:
         return actor_named(self.name)

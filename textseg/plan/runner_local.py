@@ -21,7 +21,7 @@ from textseg.pipeline.fused import DecodeLabelWrite
 from textseg.pipeline.scenes import assemble_batch, manifest_uris
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
-from textseg.plan.progress import LocalProgress, ProgressDisplay, mean_model_batch
+from textseg.plan.progress import LocalProgress, ProgressDisplay
 from textseg.plan.summary import RunSummary
 from textseg.plan.work import ListingTally, list_work
 
@@ -93,6 +93,5 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> RunS
     else:
         execute()
     parts.tally.add(scenes.tally)
-    plan.summary.startup_s = counts.startup(plan.started_wall)
-    plan.summary.mean_model_batch = mean_model_batch(counts.snapshot())
+    plan.summary.startup_s, plan.summary.mean_model_batch = counts.report(plan.started_wall)
     return finish(plan, listing, parts.tally)

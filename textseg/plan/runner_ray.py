@@ -51,7 +51,7 @@ from textseg.plan.bounds import StartupWatchdog, cannot_join, ray_address_to_joi
 from textseg.plan.crash_ledger import RayCrashLedger
 from textseg.plan.finish import finish, merge_pending_runs
 from textseg.plan.prepare import JobPlan
-from textseg.plan.progress import ProgressDisplay, mean_model_batch
+from textseg.plan.progress import ProgressDisplay
 from textseg.plan.ray_progress import RayProgress
 from textseg.plan.resources import (
     CPU_ACTOR_THREADS,
@@ -244,8 +244,8 @@ def run_ray(plan: JobPlan, pool: ModelPool | None = None) -> RunSummary:
     rows.add(sink.tally)
     rows.add(scene_sink.tally)
     listing = read_listing_tallies(plan.tally_uri, config.storage_options)
-    plan.summary.startup_s = {"connect": connected_s, **progress.startup(plan.started_wall)}
-    plan.summary.mean_model_batch = mean_model_batch(progress.counts())
+    startup, plan.summary.mean_model_batch = progress.report(plan.started_wall)
+    plan.summary.startup_s = {"connect": connected_s, **startup}
     summary = finish(plan, listing, rows, ray_map, failure)
     if failure == "interrupted":
         raise RunInterrupted(summary.run_id)
