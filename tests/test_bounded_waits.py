@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -27,6 +27,7 @@ from PIL import Image
 
 from tests.reliability import procs
 from tests.reliability.conftest import subprocess_env
+from textseg.plan.bounds import INTERRUPT_SIGNAL, MainThreadInterrupt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Generous for a loaded 2-core CI machine; every bound under test is far below it.
@@ -72,13 +73,34 @@ def label_args(source: pathlib.Path, dest: pathlib.Path, *extra: str) -> list[st
     return [TEXTSEG, "label", str(source), str(dest), "--prompts", "a,b", *extra]
 
 
+def with_sigint(disposition: signal.Handlers) -> Callable[[], None]:
+    """A `preexec_fn` giving the command this SIGINT disposition whatever the test runner's: SIG_DFL as
+    in a terminal's foreground job (Python then installs its KeyboardInterrupt handler), SIG_IGN as in
+    a job a script started with `&`."""
+
+    def preexec() -> None:
+        signal.signal(signal.SIGINT, disposition)
+
+    return preexec
+
+
 def run_label(
-    args: list[str], env: dict[str, str], sessions: list[int], limit_s: float = LIMIT_S
+    args: list[str],
+    env: dict[str, str],
+    sessions: list[int],
+    limit_s: float = LIMIT_S,
+    sigint: signal.Handlers = signal.SIG_DFL,
 ) -> tuple[int, str, float]:
     """Run to the end (killed past `limit_s`, failing the test); (exit status, stderr, seconds)."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        args,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=with_sigint(sigint),
     )
     sessions.append(proc.pid)
     try:
@@ -105,6 +127,24 @@ def assert_job_error(code: int, stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in sentence, sentence
     return sentence
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler, signal.SIG_IGN], ids=["sigint", "no-sigint"])
+def test_the_watchdog_interrupts_a_main_thread_blocked_on_a_lock(sigint: object) -> None:
+    """What a stuck dataset looks like to the watchdog: the main thread blocked on a lock, in a process
+    that may ignore SIGINT (started with `&` from a script). With `_thread.interrupt_main` it would wait
+    out its timeout (here 20 s; for a stuck run, forever), or not be interrupted at all."""
+    previous = signal.signal(signal.SIGINT, sigint)
+    try:
+        with MainThreadInterrupt() as interrupt:
+            threading.Timer(0.2, interrupt).start()
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                threading.Event().wait(20)
+        assert time.monotonic() - started < 5
+        assert signal.getsignal(INTERRUPT_SIGNAL) is signal.SIG_DFL  # left as it was found
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_unreachable_ray_address_ends_in_seconds(
@@ -169,7 +209,8 @@ def test_gpus_that_never_arrive_end_the_run_after_the_startup_timeout(
 ) -> None:
     """A cluster whose autoscaler cannot be seen (here: a head started without its monitor) may add GPU
     nodes, so `--device cuda` is trusted; when no GPU comes, the watchdog ends the run with a sentence
-    naming what is pending, and the run summary is written."""
+    naming what is pending, and the run summary is written. The command ignores SIGINT, as a nightly
+    job started with `&` from a script does: the watchdog must not depend on it."""
     env = subprocess_env(ray_tmpdir, **NO_GPU)
     head = subprocess.Popen(
         [
@@ -195,7 +236,7 @@ def test_gpus_that_never_arrive_end_the_run_after_the_startup_timeout(
     images = write_images(tmp_path / "images", 2)
     dest = tmp_path / "dest"
     args = label_args(images, dest, "--model", "demo", "--device", "cuda", "--ray-address", "auto")
-    code, stderr, took = run_label([*args, "--startup-timeout", "3"], env, sessions)
+    code, stderr, took = run_label([*args, "--startup-timeout", "3"], env, sessions, sigint=signal.SIG_IGN)
     sentence = assert_job_error(
         code, stderr, "no model actor could start within 3 s", "1 GPU each", "--startup-timeout"
     )
@@ -229,6 +270,7 @@ def test_ctrl_c_writes_the_summary_and_exits_130_without_a_traceback(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=with_sigint(signal.SIG_DFL),  # Ctrl-C reaches a terminal's foreground job
     )
     sessions.append(proc.pid)
     stdout: list[tuple[float, bytes]] = []

@@ -19,9 +19,11 @@ from __future__ import annotations
 import _thread
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -119,6 +121,46 @@ def cannot_join(address: str | None, err: BaseException) -> str:
     return f"cannot join the Ray cluster at {address or 'this machine'} ({text}); {START_HINT}"
 
 
+# The watchdog's own signal: SIGINT may be ignored (a job started with `&` from a script inherits
+# SIG_IGN), and then neither Ctrl-C's path nor `_thread.interrupt_main` reaches the main thread.
+INTERRUPT_SIGNAL = signal.SIGUSR1
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+class MainThreadInterrupt:
+    """While open (`with ... as interrupt`), `interrupt()` from any thread raises KeyboardInterrupt in
+    the main thread at once, even where it is blocked on a lock or a socket, whatever SIGINT's
+    disposition: a real signal (INTERRUPT_SIGNAL) interrupts the blocking call, where
+    `_thread.interrupt_main` only marks SIGINT pending until the call returns, which for a dataset
+    whose model actors never start is never. Opened outside the main thread (signal handlers can only
+    be set there), it falls back to `_thread.interrupt_main`."""
+
+    def __init__(self) -> None:
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(INTERRUPT_SIGNAL, _raise_interrupt)
+            self._installed = True
+        return self.interrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(INTERRUPT_SIGNAL, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def interrupt(self) -> None:
+        main = threading.main_thread().ident
+        if self._installed and main is not None:
+            signal.pthread_kill(main, INTERRUPT_SIGNAL)
+        else:
+            _thread.interrupt_main()
+
+
 class StartupWatchdog:
     """While open (`with`), ends the run when no model actor has started within `timeout_s`.
 
@@ -141,11 +183,13 @@ class StartupWatchdog:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._interrupt = MainThreadInterrupt()
 
     def __enter__(self) -> StartupWatchdog:
         import ray
 
         job = ray.get_runtime_context().get_job_id()
+        self._interrupt.__enter__()
         self._thread = threading.Thread(target=self._loop, args=(job,), name="textseg-startup", daemon=True)
         self._thread.start()
         return self
@@ -157,6 +201,7 @@ class StartupWatchdog:
             self._done.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_s + 5)
+        self._interrupt.__exit__()
 
     def _loop(self, job: str) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -176,7 +221,7 @@ class StartupWatchdog:
                 if self._done.is_set():
                     return
                 self.failure = self.describe(waiting or self.pool.initial_actors)
-                _thread.interrupt_main()
+                self._interrupt.interrupt()
             return
 
     def waiting(self, job: str) -> int | None:
