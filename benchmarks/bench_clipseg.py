@@ -41,7 +41,8 @@ from transformers import (  # noqa: E402
 )
 
 from tests.tiny_models import IMAGENET_MEAN, IMAGENET_STD, tiny_clip_tokenizer  # noqa: E402
-from textseg.models.clipseg import ClipSegBackend, default_dtype, input_spec_from_image_processor  # noqa: E402
+from textseg.models.base import SegmentationBackend, default_dtype  # noqa: E402
+from textseg.models.clipseg import ClipSegBackend, input_spec_from_image_processor  # noqa: E402
 
 PROMPT_POOL = ["building", "road", "water", "tree", "car", "grass", "roof", "shadow"]
 
@@ -98,8 +99,9 @@ def usual_recipe(
 
 
 def textseg_path(
-    backend: ClipSegBackend, images: list[Image.Image], embeddings: torch.Tensor
+    backend: SegmentationBackend, images: list[Image.Image], embeddings: torch.Tensor
 ) -> torch.Tensor:
+    """textseg's model path for a batch of images: Pillow resize per the spec, normalize, one score."""
     spec = backend.input_spec
     height, width = spec.size
     resized = [np.asarray(image.resize((width, height), resample=spec.resample)) for image in images]

@@ -22,6 +22,7 @@ from tests.tiny_models import (
     tiny_clipseg_model,
     tiny_clipseg_processor,
 )
+from textseg.models import load_model, read_input_spec, resolve_model
 from textseg.models.clipseg import ClipSegBackend, load_clipseg
 from textseg.models.input_spec import InputSpec
 
@@ -183,6 +184,28 @@ def test_backend_refuses_a_config_that_never_conditions_on_the_prompt() -> None:
     model = CLIPSegForImageSegmentation(tiny_clipseg_config(tokenizer, conditional_layer=2))
     with pytest.raises(ValueError, match="conditional_layer"):
         ClipSegBackend(model, tokenizer, InputSpec(size=(64, 64)), model_id="never-conditioned")
+
+
+def test_a_checkpoint_saved_with_processor_save_pretrained_labels_like_the_hub_layout(
+    backend: ClipSegBackend, tmp_path: pathlib.Path
+) -> None:
+    """transformers 5's `processor.save_pretrained` writes `processor_config.json` only: the registry reads
+    the input size from its `image_processor` entry, and the weights score the same."""
+    directory = make_tiny_clipseg(
+        tmp_path / "whole",
+        use_complex_transposed_convolution=backend.model.config.use_complex_transposed_convolution,
+        whole_processor=True,
+    )
+    assert not (directory / "preprocessor_config.json").exists()
+    assert (directory / "processor_config.json").is_file()
+    ref = resolve_model(str(directory))
+    assert read_input_spec(ref) == backend.input_spec
+    loaded = load_model(ref)
+    pixels = torch.randint(0, 256, (2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = backend.score(backend.normalize(pixels), backend.embed_prompts(PROMPTS))
+        got = loaded.score(loaded.normalize(pixels), loaded.embed_prompts(PROMPTS))
+    assert torch.equal(got, expected)
 
 
 def test_tiny_processor_loads_back_as_clipseg_processor(tiny_dir: pathlib.Path) -> None:

@@ -12,49 +12,14 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer
 
+from tests.tiny_models import make_tiny_text_model, tiny_fusion_config
 from textseg.models.fusion import (
     DEFAULT_TEXT_MODEL,
     FusionBackend,
-    FusionConfig,
     load_fusion,
     resolve_text_model,
 )
-
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def make_tiny_text_model(directory: pathlib.Path) -> pathlib.Path:
-    """A tiny random BERT + a letter-level WordPiece tokenizer saved like a hub checkpoint (safetensors)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    symbols = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, *("##" + c for c in LETTERS)]
-    tokenizer = BertTokenizer(vocab={s: i for i, s in enumerate(symbols)})
-    config = BertConfig(
-        vocab_size=len(symbols),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    BertModel(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def tiny_fusion_config(text_model: pathlib.Path, **overrides: object) -> FusionConfig:
-    settings: dict = {
-        "text_model": str(text_model),
-        "image_size": (32, 32),
-        "encoder_channels": (8, 8, 16, 16),
-        "decoder_channels": (8, 8, 16, 16),
-        "embed_dim": 16,
-        "num_heads": 2,
-    }
-    settings.update(overrides)
-    return FusionConfig(**settings)
 
 
 @pytest.fixture(scope="module")

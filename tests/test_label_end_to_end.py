@@ -1,7 +1,8 @@
 """`textseg label` end to end through Ray Data, over a local folder and over an S3 protocol server.
 
 Masks are checked pixel by pixel against the reference: `CLIPSegForImageSegmentation.forward` on the
-processor's inputs (the usual Hugging Face recipe), then the mask formula.
+processor's inputs (the usual Hugging Face recipe), or `Sam3Model.forward` per (image, prompt), then the
+mask formula.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+from collections.abc import Callable
 
 import fsspec
 import numpy as np
@@ -18,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers import AutoTokenizer, CLIPSegForImageSegmentation, CLIPSegProcessor, Sam3Model
 
+from tests.tiny_models import SAM3_TINY_IMAGE_SIZE, make_tiny_sam3
 from textseg.cli import main
 from textseg.outputs.metadata import METADATA_SCHEMA
 
@@ -48,16 +51,42 @@ def make_image(relpath: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def reference_labels(model_dir: pathlib.Path, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """The formula's labels from the usual HF recipe; also a mask of pixels too close to call (ties or
-    scores within 1e-4 of the threshold), where float rounding may legitimately flip a label."""
+def clipseg_scores(model_dir: pathlib.Path, image: Image.Image) -> torch.Tensor:
+    """(K, h, w) logits of the usual HF recipe: the processor's inputs, K copies of the image."""
     processor = CLIPSegProcessor.from_pretrained(model_dir)
     model = CLIPSegForImageSegmentation.from_pretrained(model_dir).eval()
-    rgba = Image.open(io.BytesIO(data))
-    image = rgba.convert("RGB")
     inputs = processor(text=PROMPTS, images=[image] * len(PROMPTS), padding=True, return_tensors="pt")
     with torch.no_grad():
-        logits = model(**inputs).logits.reshape(len(PROMPTS), *inputs["pixel_values"].shape[-2:])
+        return model(**inputs).logits.reshape(len(PROMPTS), *inputs["pixel_values"].shape[-2:])
+
+
+def sam3_scores(model_dir: pathlib.Path, image: Image.Image) -> torch.Tensor:
+    """(K, h, w) `semantic_seg` logits of `Sam3Model.forward`, one forward per prompt, on pixels made
+    as Sam3ImageProcessor makes them (bilinear resize, rescale, 0.5 mean and std; written out here
+    because that class needs torchvision), tokens as Sam3Processor makes them."""
+    model = Sam3Model.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    resized = np.array(image.resize((SAM3_TINY_IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR))
+    pixel_values = (torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    maps = []
+    for prompt in PROMPTS:
+        tokens = tokenizer([prompt], padding="max_length", max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            out = model(
+                pixel_values=pixel_values, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            )
+        maps.append(out.semantic_seg[0, 0])
+    return torch.stack(maps)
+
+
+def reference_labels(
+    model_dir: pathlib.Path, data: bytes, scores_of: Callable[[pathlib.Path, Image.Image], torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The formula's labels from the reference logits; also a mask of pixels too close to call (ties or
+    scores within 1e-4 of the threshold), where float rounding may legitimately flip a label."""
+    rgba = Image.open(io.BytesIO(data))
+    image = rgba.convert("RGB")
+    logits = scores_of(model_dir, image)
     full = F.interpolate(
         logits[None], size=(image.height, image.width), mode="bilinear", align_corners=False
     )[0]
@@ -91,7 +120,11 @@ def label_args(source: str, dest: str, model_dir: pathlib.Path, *extra: str) -> 
 
 
 def check_dest(
-    fs: fsspec.AbstractFileSystem, dest: str, sources: dict[str, bytes], model_dir: pathlib.Path
+    fs: fsspec.AbstractFileSystem,
+    dest: str,
+    sources: dict[str, bytes],
+    model_dir: pathlib.Path,
+    scores_of: Callable[[pathlib.Path, Image.Image], torch.Tensor] = clipseg_scores,
 ) -> dict:
     """Every image has a correct mask and exactly one `ok` metadata row; returns the run summary."""
     (summary_path,) = fs.glob(f"{dest}/runs/*.json")
@@ -117,7 +150,7 @@ def check_dest(
             assert (row["width"], row["height"]) == mask.size
             assert mask.getpalette()[3:6] == [0xE4, 0x1A, 0x1C]  # class 1's default colour
             labels = np.asarray(mask)
-        expected, unsure = reference_labels(model_dir, data)
+        expected, unsure = reference_labels(model_dir, data, scores_of)
         assert np.array_equal(labels[~unsure], expected[~unsure]), relpath
         assert row["class_names"] == ["background", *PROMPTS]
         assert sum(row["class_pixel_fraction"]) == pytest.approx(1.0, abs=1e-5)
@@ -149,19 +182,38 @@ def test_label_local_folder_writes_spec_layout_with_reference_masks(
     assert [(s["listed"], s["skipped"], s["ok"]) for s in summaries] == [(5, 0, 5), (5, 5, 0)]
 
 
-def test_label_s3_bucket_to_bucket(s3_server, s3_bucket, sources, tiny_clipseg_dir, ray_session):
-    fs = fsspec.filesystem("s3", **s3_server.storage_options)
-    for relpath, data in sources.items():
-        fs.pipe_file(f"{s3_bucket}/raw/{relpath}", data)
-    options = [
+def s3_options(s3_server) -> list[str]:
+    return [
         f"--storage-option=client_kwargs.endpoint_url={s3_server.endpoint_url}",
         f"--storage-option=key={s3_server.storage_options['key']}",
         f"--storage-option=secret={s3_server.storage_options['secret']}",
     ]
-    args = label_args(f"s3://{s3_bucket}/raw/", f"s3://{s3_bucket}/labels", tiny_clipseg_dir, *options)
+
+
+def test_label_s3_bucket_to_bucket(s3_server, s3_bucket, sources, tiny_clipseg_dir, ray_session):
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    for relpath, data in sources.items():
+        fs.pipe_file(f"{s3_bucket}/raw/{relpath}", data)
+    args = label_args(
+        f"s3://{s3_bucket}/raw/", f"s3://{s3_bucket}/labels", tiny_clipseg_dir, *s3_options(s3_server)
+    )
     assert main(args) == 0
     summary = check_dest(fs, f"{s3_bucket}/labels", sources, tiny_clipseg_dir)
     assert s3_server.storage_options["secret"] not in json.dumps(summary)
+
+
+def test_a_sam3_checkpoint_labels_a_bucket_like_its_reference_forward(
+    s3_server, s3_bucket, sources, tmp_path, ray_session
+):
+    """A SAM 3 saved as transformers saves it (processor_config.json, no preprocessor_config.json)."""
+    model_dir = make_tiny_sam3(tmp_path / "sam3")
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    for relpath, data in sources.items():
+        fs.pipe_file(f"{s3_bucket}/sam3-raw/{relpath}", data)
+    dest = f"s3://{s3_bucket}/sam3-labels"
+    assert main(label_args(f"s3://{s3_bucket}/sam3-raw/", dest, model_dir, *s3_options(s3_server))) == 0
+    summary = check_dest(fs, f"{s3_bucket}/sam3-labels", sources, model_dir, sam3_scores)
+    assert summary["model_id"].startswith("sam3@")
 
 
 def test_dry_run_counts_without_loading_a_model_or_writing(tmp_path, sources, tiny_clipseg_dir, capsys):

@@ -66,6 +66,13 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         "call padded to --batch-size; measure it on your GPU first (default off; ignored on CPU)",
     )
     parser.add_argument(
+        "--presence-gate",
+        action="store_true",
+        default=None,
+        help="SAM 3 only: score each pixel by sigmoid(semantic map) x sigmoid(presence), so a prompt the "
+        "model finds absent from an image labels nothing there (default off: the semantic map alone)",
+    )
+    parser.add_argument(
         "--ray-address",
         help="join this Ray cluster: HOST:PORT, ray://HOST:PORT, or auto (the cluster `ray start` started on "
         "this machine) (default: RAY_ADDRESS, else such a cluster, else a local Ray of the run's own)",

@@ -67,6 +67,8 @@ class JobConfig:
     # CUDA only: torch.compile the model for one batch shape (`textseg.pipeline.label.Labeler`). Off until
     # measured on the GPU it runs on: compilation costs start-up seconds that only a long run repays.
     compile: bool = False
+    # SAM 3 only: scale each prompt's map by the model's belief that the concept is in the image at all.
+    presence_gate: bool = False
 
     def __post_init__(self) -> None:
         if not self.source or not self.dest:

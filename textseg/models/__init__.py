@@ -3,7 +3,8 @@
 A model spec is one of:
 - `clipseg`: the published CLIPSeg checkpoint `CIDAS/clipseg-rd64-refined` from the Hugging Face hub;
 - `demo`: textseg's fusion model shipped inside the package (no download);
-- a local directory: its `config.json` says which backend (`model_type`: `clipseg` or `textseg_fusion`);
+- a local directory: its `config.json` says which backend (`model_type`: `clipseg`, `textseg_fusion` or
+  `sam3`);
 - `hf-hub:ORG/NAME` or a bare `ORG/NAME`: a Hugging Face hub id, resolved the same way.
 
 Resolving a spec reads only small JSON files, never weights and never torch, so the driver can fail
@@ -13,8 +14,11 @@ Adding a backend = one module with a `load(location, device)` function + one lin
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -37,7 +41,9 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 _BACKENDS: dict[str, tuple[str, ScoreKind]] = {
     "clipseg": ("textseg.models.clipseg:load_clipseg", "sigmoid"),
     "textseg_fusion": ("textseg.models.fusion:load_fusion", "softmax"),
+    "sam3": ("textseg.models.sam3:load_sam3", "sigmoid"),
 }
+PRESENCE_GATED = frozenset({"sam3"})  # backends whose loader takes `presence_gate`
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -64,6 +70,7 @@ class ModelRef:
     backend: str
     location: str  # a local directory or a hub id
     model_id: str  # changes when the weights change, so incremental runs relabel with a new model
+    presence_gate: bool = False  # SAM 3: gate each prompt's map by its presence score (`with_presence_gate`)
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -79,8 +86,41 @@ class ModelRef:
         return loaded
 
 
+def transformers_problem(installed: str, required: str) -> str | None:
+    """The sentence for an installed transformers version outside `required` (a PEP 440 specifier such
+    as ">=5.17,<6"), or None when it is inside."""
+    from packaging.specifiers import SpecifierSet
+
+    if SpecifierSet(required).contains(installed, prereleases=True):
+        return None
+    return (
+        f"textseg needs transformers {required} (its CLIPSeg and SAM 3 fast paths call transformers' "
+        f"submodules), but {installed} is installed: pip install 'transformers{required}'"
+    )
+
+
+@functools.cache
+def check_transformers() -> None:
+    """ModelError when the installed transformers is outside the range textseg's package metadata
+    declares; nothing to check when textseg runs from a source tree without being installed."""
+    try:
+        declared = importlib.metadata.requires("textseg") or []
+        installed = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    from packaging.requirements import Requirement
+
+    for line in declared:
+        requirement = Requirement(line)
+        if requirement.name == "transformers" and requirement.marker is None:
+            problem = transformers_problem(installed, str(requirement.specifier))
+            if problem:
+                raise ModelError(problem)
+
+
 def resolve_model(spec: str) -> ModelRef:
     """`--model` value -> ModelRef, reading config.json only. Raises ModelError with the fix."""
+    check_transformers()
     if spec == "clipseg":
         return _resolve_location(spec, CLIPSEG_DEFAULT_ID)
     if spec == "demo":
@@ -101,12 +141,38 @@ def resolve_model(spec: str) -> ModelRef:
     return _resolve_location(spec, spec)
 
 
+def image_processor_config(location: str, spec: str | None = None) -> dict[str, Any]:
+    """The image processor settings saved beside a model's weights at `location` (torch-free).
+
+    `ImageProcessor.save_pretrained` writes them to `preprocessor_config.json`; `Processor.save_pretrained`
+    in transformers 5 writes one `processor_config.json` with them under `image_processor`. Either works.
+    """
+    for filename, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = _fetch(location, filename, spec)
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        settings = loaded.get(key) if key else loaded
+        if isinstance(settings, dict):
+            return settings
+    raise ModelError(
+        f"model {spec or location!r} has neither preprocessor_config.json nor an image_processor entry in "
+        "processor_config.json; save its processor with it (processor.save_pretrained(directory))"
+    )
+
+
+def with_presence_gate(ref: ModelRef) -> ModelRef:
+    """`ref` with SAM 3's presence gate on (--presence-gate); its model_id says so, as it labels
+    differently. ModelError for the backends that have no presence score."""
+    if ref.backend not in PRESENCE_GATED:
+        raise ModelError(f"--presence-gate needs a SAM 3 model; model {ref.spec!r} is {ref.backend}")
+    return dataclasses.replace(ref, presence_gate=True, model_id=f"{ref.model_id}+presence-gate")
+
+
 def read_input_spec(ref: ModelRef) -> InputSpec:
-    """The model's input size and normalization, from its `preprocessor_config.json` (torch-free)."""
-    processor = ref.read_json("preprocessor_config.json")
-    if processor is None:
-        raise ModelError(f"model {ref.spec!r} has no preprocessor_config.json; save its processor with it")
-    return from_processor_config(processor)
+    """The model's input size and normalization, from its saved image processor settings."""
+    return from_processor_config(image_processor_config(ref.location, ref.spec))
 
 
 def read_model_gsd(ref: ModelRef) -> float | None:
@@ -127,12 +193,14 @@ def load_model(ref: ModelRef, device: str = "cpu") -> SegmentationBackend:
 
     transformers' per-tensor loading bar is turned off: in a Ray worker it is a line per actor in the
     driver's output, about nothing the user can act on."""
+    check_transformers()  # a worker's environment may differ from the driver's
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     module_name, function_name = _BACKENDS[ref.backend][0].split(":")
     loader = getattr(importlib.import_module(module_name), function_name)
-    backend: SegmentationBackend = loader(ref.location, device=device)
+    options = {"presence_gate": True} if ref.presence_gate else {}
+    backend: SegmentationBackend = loader(ref.location, device=device, **options)
     backend.model_id = ref.model_id
     if backend.score_kind != ref.score_kind:
         raise ModelError(

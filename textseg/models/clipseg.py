@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPSegForImageSegmentation
 
-from textseg.models.base import ScoreKind, SegmentationBackend
+from textseg.models.base import ScoreKind, SegmentationBackend, default_dtype
 from textseg.models.input_spec import InputSpec, from_processor_config
 
 
 def input_spec_from_image_processor(image_processor: Any) -> InputSpec:
     """The checkpoint's own image processor -> InputSpec, through the same reader the driver uses on
-    `preprocessor_config.json` (`from_processor_config`), so the decode tasks and the backend agree.
+    saved processor config (`from_processor_config`), so the decode tasks and the backend agree.
 
     `to_dict()` includes the processor class's defaults for keys the JSON file leaves out.
     """
@@ -171,11 +171,6 @@ class ClipSegBackend(SegmentationBackend):
         return logits.reshape(batch, prompts, *logits.shape[-2:])
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 weights on CUDA (about 20% faster than autocast on an H100); fp32 elsewhere for exactness."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def load_clipseg(
     name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> ClipSegBackend:
@@ -198,4 +193,4 @@ def load_clipseg(
     return ClipSegBackend(model, tokenizer, spec, model_id=name_or_path).to(device)
 
 
-__all__ = ["ClipSegBackend", "default_dtype", "input_spec_from_image_processor", "load_clipseg"]
+__all__ = ["ClipSegBackend", "input_spec_from_image_processor", "load_clipseg"]

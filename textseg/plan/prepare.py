@@ -18,7 +18,7 @@ from textseg import storage
 from textseg.config import ConfigError, JobConfig
 from textseg.image.pieces import WindowPlan
 from textseg.labels.vectors import VectorSettings
-from textseg.models import ModelRef, read_input_spec, read_model_gsd, resolve_model
+from textseg.models import ModelRef, read_input_spec, read_model_gsd, resolve_model, with_presence_gate
 from textseg.models.input_spec import InputSpec
 from textseg.ontology import Ontology
 from textseg.outputs.metadata import metadata_dir, new_run_id
@@ -131,6 +131,8 @@ def prepare(config: JobConfig) -> JobPlan:
     started, started_wall = time.perf_counter(), time.time()
     ontology = load_ontology(config)
     model = resolve_model(config.model)
+    if config.presence_gate:
+        model = with_presence_gate(model)
     input_spec = read_input_spec(model)
     dest_fs, dest_root = storage.filesystem_for(config.dest, config.storage_options)
     if not config.dry_run:
