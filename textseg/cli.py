@@ -66,6 +66,13 @@ def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True
         "call padded to --batch-size; measure it on your GPU first (default off; ignored on CPU)",
     )
     parser.add_argument(
+        "--instances",
+        action="store_true",
+        default=None,
+        help="also write one row per object to DEST/instances/<run_id>/part-*.parquet: class, score, box "
+        "and its mask as COCO RLE (the connected regions of each class's mask)",
+    )
+    parser.add_argument(
         "--presence-gate",
         action="store_true",
         default=None,

@@ -69,6 +69,14 @@ class JobConfig:
     compile: bool = False
     # SAM 3 only: scale each prompt's map by the model's belief that the concept is in the image at all.
     presence_gate: bool = False
+    # Also one row per object to DEST/instances/<run_id>/ (textseg.labels.instances).
+    instances: bool = False
+
+    @property
+    def keeps_scores(self) -> bool:
+        """Whether whole images' class scores travel to the write stage: polygons and instances are
+        scored by their class's mean score."""
+        return self.vectors or self.instances
 
     def __post_init__(self) -> None:
         if not self.source or not self.dest:

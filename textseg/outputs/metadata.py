@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from textseg import storage
 from textseg.errors import reason_category
 from textseg.image.rasters import GeoRef
+from textseg.outputs.instances import INSTANCE_FIELD, instance_rows, instances_dir
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -200,10 +201,21 @@ def write_metadata_part(
 ) -> None:
     """Write rows as `<metadata_uri>/<name>.parquet` (names start `part-`), atomically: a reader (or the
     next run's incremental check) sees the whole part file or none of it, also when the writer is killed.
-    A retried writer rewrites the same name, so a retry can never duplicate rows."""
+    A retried writer rewrites the same name, so a retry can never duplicate rows.
+
+    Rows that carry their images' instances (`textseg.labels.instances.INSTANCE_FIELD`, --instances) have
+    them written first, to the part of the same name under DEST/instances/<run_id>/
+    (`textseg.outputs.instances`)."""
+    fs, root = storage.filesystem_for(metadata_uri, storage_options)
+    if INSTANCE_FIELD in table.column_names:
+        dest_root, _, run_id = root.rstrip("/").rsplit("/", 2)  # root is DEST/metadata/<run_id>
+        path = storage.join_uri(dest_root, f"{instances_dir(run_id)}/{name}.parquet")
+        buffer = io.BytesIO()
+        pq.write_table(instance_rows(table), buffer)
+        storage.write_bytes_atomic(fs, path, buffer.getvalue())
+        table = table.drop_columns([INSTANCE_FIELD])
     buffer = io.BytesIO()
     pq.write_table(table.cast(METADATA_SCHEMA), buffer)
-    fs, root = storage.filesystem_for(metadata_uri, storage_options)
     storage.write_bytes_atomic(fs, storage.join_uri(root, f"{name}.parquet"), buffer.getvalue())
 
 

@@ -59,6 +59,7 @@ class StageSettings:
     model_id: str
     ontology_hash: str
     vectors: VectorSettings | None  # None: no polygons; pieces are never area-filtered (merged first)
+    instances: bool = False  # rows carry their image's instances (textseg.labels.instances)
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     crashes: CrashLedger | None = None  # set by a runner whose workers can die (textseg.plan.runner_ray)
     progress: ProgressCounter | None = None  # set by a runner that shows progress

@@ -19,8 +19,10 @@ from textseg import storage
 from textseg.image import rasters
 from textseg.image.rasters import GeoRef
 from textseg.image.windows import Window
+from textseg.labels.instances import region_instances
 from textseg.labels.vector_merge import VECTOR_PARTS
 from textseg.labels.vectors import image_polygons, write_geoparquet
+from textseg.outputs.instances import INSTANCE_FIELD, INSTANCE_STRUCT
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
 from textseg.pipeline.batches import Batch, is_permanent, isolate, report_failure, unpack_nodata
@@ -54,6 +56,7 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
             _park_window(batch, i, settings, error)
             continue
         mask_uri = None
+        instances: list[dict[str, Any]] = []
         notes: list[str] = []  # what this image's ok row lacks, and why
         if not error:
             target = f"masks/{batch['mask_relpath'][i]}"
@@ -67,6 +70,9 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                     polygons += image_polygons(
                         labels, georef, settings.class_names, scores, str(relpath), settings.vectors, notes
                     )
+                if settings.instances:
+                    scores = _scores(batch, i, len(settings.class_names))
+                    instances = region_instances(labels, settings.class_names, scores)
             except Exception as err:  # noqa: BLE001 - a failed write is this image's error row
                 error = storage.redact(f"cannot write the mask: {type(err).__name__}: {err}", secrets)
                 report_failure(error, err, str(relpath), secrets)
@@ -92,13 +98,17 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                 notes=[storage.redact(note, secrets) for note in notes],
                 permanent=permanent,
             )
+            | ({INSTANCE_FIELD: instances} if settings.instances else {})
         )
     if polygons:
         fs, root = storage.filesystem_for(settings.scratch_uri, settings.storage_options)
         # Named by the batch's images, so a retried task rewrites the same part instead of adding one.
         name = hashlib.sha1("\0".join(str(r) for r in batch["relpath"]).encode()).hexdigest()[:24]
         write_geoparquet(polygons, fs, f"{root}/{VECTOR_PARTS}/part-{name}.parquet")
-    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    schema = METADATA_SCHEMA
+    if settings.instances:
+        schema = schema.append(pa.field(INSTANCE_FIELD, pa.list_(INSTANCE_STRUCT)))
+    table = pa.Table.from_pylist(rows, schema=schema)
     settings.count_rows(table)
     return table
 

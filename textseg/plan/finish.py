@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import posixpath
 import time
 
 from textseg import storage
 from textseg.errors import describe_exception
 from textseg.labels.vector_merge import VECTOR_PARTS, merge_run_vectors
-from textseg.outputs.metadata import Tally, run_started_at, summary_path
+from textseg.outputs.instances import remove_orphan_instance_parts
+from textseg.outputs.metadata import Tally, metadata_dir, run_started_at, summary_path
 from textseg.outputs.state import MapFn, compact, pending_runs, update_view
 from textseg.pipeline.settings import scratch_uri
 from textseg.plan.prepare import JobPlan
@@ -33,7 +35,14 @@ def merge_pending_runs(plan: JobPlan, map_fn: MapFn = map) -> None:
     started = time.perf_counter()
     rows = compact(config.dest, config.storage_options, pending, map_fn)
     log.info("merged %d earlier run(s) into DEST's state (%d images)", len(pending), rows)
+    dest_fs, dest_root = storage.filesystem_for(config.dest, config.storage_options)
     for run_id in pending:
+        parts = storage.glob(dest_fs, storage.join_uri(dest_root, f"{metadata_dir(run_id)}/part-*.parquet"))
+        orphans = remove_orphan_instance_parts(
+            config.dest, run_id, {posixpath.basename(p) for p in parts}, config.storage_options
+        )
+        if orphans:
+            log.info("removed %d instance parts of run %s written without their metadata", orphans, run_id)
         scratch = scratch_uri(config.dest, run_id)
         fs, root = storage.filesystem_for(scratch, config.storage_options)
         if plan.vector_settings is not None and storage.exists(fs, f"{root}/{VECTOR_PARTS}"):

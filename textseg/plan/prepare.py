@@ -97,6 +97,7 @@ class JobPlan:
             ontology_hash=self.ontology.stable_hash(),
             # Pieces of tiles and scene blocks keep every sliver: the filter runs after the merge.
             vectors=None if vectors is None else dataclasses.replace(vectors, min_area_m2=0.0),
+            instances=self.config.instances,
             storage_options=self.config.storage_options,
         )
 

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from textseg.outputs.metadata import METADATA_SCHEMA, Tally, write_metadata_part
+from textseg.outputs.metadata import Tally, write_metadata_part
 from textseg.outputs.sinks import PART_ROWS
 from textseg.outputs.state import DoneIndex
 from textseg.pipeline.batches import rows_to_batch
@@ -45,7 +45,7 @@ class _Parts:
     def flush(self) -> None:
         if not self.rows:
             return
-        table = pa.concat_tables(self.tables).cast(METADATA_SCHEMA)
+        table = pa.concat_tables(self.tables)
         name = f"{self.prefix}{self.written:06d}"
         write_metadata_part(table, self.plan.metadata_uri, self.plan.config.storage_options, name)
         self.tally.add(Tally.of(table))
@@ -79,7 +79,7 @@ def run_local(plan: JobPlan, batch_size: int = 8, progress: bool = True) -> RunS
                         settings,
                         config.device,
                         batch_size,
-                        config.vectors,
+                        config.keeps_scores,
                         config.compile,
                     )
                 parts.add(stages(rows_to_batch([row])))

@@ -1,0 +1,135 @@
+"""Instances (`--instances`): one row per connected region of a class, its mask as COCO RLE that
+pycocotools decodes to a mask inside its box; rows land once per labeled image, beside its metadata."""
+
+from __future__ import annotations
+
+import pathlib
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from textseg.cli import main
+from textseg.labels.instances import encode_rle, encode_rle_crop, region_instances
+from textseg.outputs.instances import INSTANCE_SCHEMA, remove_orphan_instance_parts
+from textseg.outputs.masks import decode_png_mask
+
+CLASSES = ["background", "building", "road"]
+
+
+def decode(row: dict) -> np.ndarray:
+    return coco_mask.decode({"size": row["mask_size"], "counts": row["mask_counts"].encode()}).astype(bool)
+
+
+def test_regions_are_8_connected_per_class_with_their_boxes_and_mean_scores() -> None:
+    labels = np.zeros((6, 8), dtype=np.uint8)
+    labels[0:2, 0:2] = 1  # one building
+    labels[2, 2] = 1  # touches it at a corner: the same region
+    labels[4:6, 5:8] = 1  # a second building
+    labels[0:6, 4] = 2  # a road between them
+    labels[5, 0] = 255  # no data is nobody's
+    scores = np.zeros((3, 6, 8), dtype=np.uint8)
+    scores[1] = 204  # 0.8
+    scores[2] = 102  # 0.4
+    found = region_instances(labels, CLASSES, scores)
+    assert [(r["class"], r["class_index"], r["bbox"]) for r in found] == [
+        ("building", 1, [0.0, 0.0, 3.0, 3.0]),
+        ("building", 1, [5.0, 4.0, 8.0, 6.0]),
+        ("road", 2, [4.0, 0.0, 5.0, 6.0]),
+    ]
+    assert [r["score"] for r in found] == pytest.approx([0.8, 0.8, 0.4])
+    union = np.zeros_like(labels)
+    for row in found:
+        mask = decode(row)
+        assert row["mask_size"] == [6, 8] and (labels[mask] == row["class_index"]).all()
+        union[mask] = row["class_index"]
+    assert np.array_equal(union, np.where(labels == 255, 0, labels))
+
+
+def test_the_cropped_encoding_equals_pycocotools_on_the_full_mask() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        height, width = rng.integers(1, 40, size=2)
+        crop = rng.random((rng.integers(1, height + 1), rng.integers(1, width + 1))) > 0.5
+        crop.flat[0] = True  # a region has at least one pixel
+        top, left = rng.integers(0, height - crop.shape[0] + 1), rng.integers(0, width - crop.shape[1] + 1)
+        full = np.zeros((height, width), dtype=bool)
+        full[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+        assert encode_rle_crop(crop, top, left, height, width) == encode_rle(full)[1]
+
+
+def test_instance_parts_without_their_metadata_part_are_removed(tmp_path: pathlib.Path) -> None:
+    for folder, names in (("metadata/r1", ["part-000000"]), ("instances/r1", ["part-000000", "part-000001"])):
+        (tmp_path / folder).mkdir(parents=True)
+        for name in names:
+            pq.write_table(INSTANCE_SCHEMA.empty_table(), tmp_path / folder / f"{name}.parquet")
+    assert remove_orphan_instance_parts(str(tmp_path), "r1", {"part-000000.parquet"}, {}) == 1
+    assert sorted(p.name for p in (tmp_path / "instances/r1").iterdir()) == ["part-000000.parquet"]
+
+
+def test_label_with_instances_writes_one_row_per_region_beside_the_metadata_once(
+    s3_server, s3_bucket, tiny_clipseg_dir: pathlib.Path, ray_session
+) -> None:
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    rng = np.random.default_rng(11)
+    for i in range(6):
+        pixels = rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)
+        pixels[: 20 + i, :30] = (220, 30, 30)
+        buffer = fsspec.open(f"s3://{s3_bucket}/inst-raw/img{i}.png", "wb", **s3_server.storage_options)
+        with buffer as handle:
+            Image.fromarray(pixels).save(handle, format="PNG")
+    dest = f"s3://{s3_bucket}/inst-labels"
+    args = [
+        "label",
+        f"s3://{s3_bucket}/inst-raw/",
+        dest,
+        "--model",
+        str(tiny_clipseg_dir),
+        "--prompts",
+        "red,blue",
+        "--threshold",
+        "0.5",
+        "--device",
+        "cpu",
+        "--instances",
+        f"--storage-option=client_kwargs.endpoint_url={s3_server.endpoint_url}",
+        f"--storage-option=key={s3_server.storage_options['key']}",
+        f"--storage-option=secret={s3_server.storage_options['secret']}",
+    ]
+    assert main(args) == 0
+    assert main(args) == 0  # the re-run skips every image: no instance row twice
+    root = f"{s3_bucket}/inst-labels"
+    (run_dir,) = fs.ls(f"{root}/instances")  # only the first run labeled anything
+    run_id = run_dir.rsplit("/", 1)[1]
+    metadata_names = {p.rsplit("/", 1)[1] for p in fs.glob(f"{root}/metadata/{run_id}/part-*.parquet")}
+    instance_paths = fs.glob(f"{run_dir}/part-*.parquet")
+    assert {p.rsplit("/", 1)[1] for p in instance_paths} <= metadata_names  # each beside its metadata
+    rows = [row for path in instance_paths for row in pq.read_table(path, filesystem=fs).to_pylist()]
+    metadata = [
+        row
+        for name in metadata_names
+        for row in pq.read_table(f"{root}/metadata/{run_id}/{name}", filesystem=fs).to_pylist()
+    ]
+    assert len(metadata) == 6 and {row["status"] for row in metadata} == {"ok"}
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["relpath"], []).append(row)
+    assert rows, "the red squares were labeled: some instance is expected"
+    for entry in metadata:
+        mine = by_image.get(entry["relpath"], [])
+        assert [row["instance"] for row in mine] == list(range(len(mine)))  # once each
+        labels = decode_png_mask(fs.cat_file(entry["mask_uri"].removeprefix("s3://")))
+        union = np.zeros_like(labels)
+        for row in mine:
+            mask = decode(row)
+            ys, xs = np.nonzero(mask)
+            x0, y0, x1, y1 = row["bbox"]
+            assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+            assert (labels[mask] == row["class_index"]).all() and 0 <= row["score"] <= 1
+            assert row["class"] == ["background", "red", "blue"][row["class_index"]]
+            assert row["run_id"] == run_id
+            union[mask] = row["class_index"]
+        assert np.array_equal(union, np.where(labels == 255, 0, labels)), entry["relpath"]
