@@ -9,9 +9,12 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
+from transformers import AutoTokenizer, Sam3Model
 
+from tests.tiny_models import SAM3_TINY_IMAGE_SIZE, make_tiny_sam3
 from textseg.cli import main
 from textseg.labels.instances import encode_rle, encode_rle_crop, region_instances
 from textseg.outputs.instances import INSTANCE_SCHEMA, remove_orphan_instance_parts
@@ -133,3 +136,68 @@ def test_label_with_instances_writes_one_row_per_region_beside_the_metadata_once
             assert row["run_id"] == run_id
             union[mask] = row["class_index"]
         assert np.array_equal(union, np.where(labels == 255, 0, labels)), entry["relpath"]
+
+
+def sam3_reference_instances(
+    model_dir: pathlib.Path, image: Image.Image, prompts: list[str], threshold: float
+):
+    """transformers' recipe per prompt: `Sam3Model.forward`, then what
+    `post_process_instance_segmentation` does (written out: its image processor needs torchvision):
+    score = sigmoid(pred_logits) * sigmoid(presence), kept above the threshold, mask probabilities resized
+    bilinearly to the image, > 0.5, boxes scaled to pixels. -> [(prompt, score, box, mask probabilities)]"""
+    model = Sam3Model.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    resized = np.array(image.resize((SAM3_TINY_IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR))
+    pixel_values = (torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    found = []
+    for prompt in prompts:
+        tokens = tokenizer([prompt], padding="max_length", max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            out = model(
+                pixel_values=pixel_values, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            )
+        scores = torch.sigmoid(out.pred_logits[0]) * torch.sigmoid(out.presence_logits[0])
+        keep = scores > threshold
+        probabilities = torch.nn.functional.interpolate(
+            torch.sigmoid(out.pred_masks[0][keep])[None], size=(image.height, image.width), mode="bilinear"
+        )[0]
+        boxes = out.pred_boxes[0][keep] * torch.tensor([image.width, image.height] * 2)
+        kept = zip(scores[keep].tolist(), boxes.tolist(), probabilities, strict=True)
+        found += [(prompt, score, box, mask) for score, box, mask in kept]
+    return found
+
+
+def test_sam3_instances_are_its_queries_as_transformers_post_processes_them(
+    tmp_path: pathlib.Path, ray_session
+) -> None:
+    model_dir = make_tiny_sam3(tmp_path / "sam3")
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(4)
+    images = {
+        f"img{i}.png": Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 90, 3), dtype=np.uint8))
+        for i in range(3)
+    }
+    for name, image in images.items():
+        image.save(source / name)
+    prompts, threshold = ["car", "tree"], 0.2  # low: the random queries' scores sit around 0.25
+    dest = tmp_path / "dest"
+    args = ["label", str(source), str(dest), "--model", str(model_dir), "--prompts", ",".join(prompts)]
+    assert main([*args, "--threshold", str(threshold), "--device", "cpu", "--instances"]) == 0
+    rows = pq.read_table(dest / "instances").to_pylist()
+    assert rows, "some query scored above the threshold"
+    for name, image in images.items():
+        mine = [row for row in rows if row["relpath"] == name]
+        expected = [
+            e for e in sam3_reference_instances(model_dir, image, prompts, threshold) if (e[3] > 0.5).any()
+        ]
+        assert [row["prompt"] for row in mine] == [e[0] for e in expected], name
+        for row, (prompt, score, box, probabilities) in zip(mine, expected, strict=True):
+            assert row["class"] == prompt and row["score"] == pytest.approx(score, abs=1e-4)
+            assert row["detector_bbox"] == pytest.approx(box, abs=1e-2)
+            mask = decode(row)
+            unsure = (probabilities - 0.5).abs() < 1e-4
+            assert np.array_equal(mask[~unsure.numpy()], (probabilities > 0.5).numpy()[~unsure.numpy()])
+            ys, xs = np.nonzero(mask)
+            x0, y0, x1, y1 = row["bbox"]  # the mask's own box: the mask lies inside it
+            assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)

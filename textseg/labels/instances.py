@@ -67,6 +67,7 @@ def region_instances(
                     "prompt": None,
                     "score": score,
                     "bbox": [float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)],
+                    "detector_bbox": None,
                     "mask_size": [height, width],
                     "mask_counts": encode_rle_crop(crop, rows.start, cols.start, height, width),
                 }

@@ -8,11 +8,23 @@ model means one file plus one registration in `textseg.models`.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
 
 from textseg.models import ScoreKind
 from textseg.models.input_spec import InputSpec
+
+
+@dataclass(frozen=True)
+class Queries:
+    """A detector's objects for each (image, prompt) of a batch (SAM 3's queries): `scores` (B, P, Q) in
+    [0, 1], `boxes` (B, P, Q, 4) x0, y0, x1, y1 as fractions of the input's width and height, `mask_logits`
+    (B, P, Q, h, w) at the model's mask resolution."""
+
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    mask_logits: torch.Tensor
 
 
 class SegmentationBackend(abc.ABC, torch.nn.Module):
@@ -45,6 +57,13 @@ class SegmentationBackend(abc.ABC, torch.nn.Module):
     @abc.abstractmethod
     def score(self, pixel_values: torch.Tensor, prompt_embeddings: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, H, W) normalized per `input_spec` -> logits, shapes per the class docstring."""
+
+    def score_with_queries(
+        self, pixel_values: torch.Tensor, prompt_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, Queries | None]:
+        """`score`, plus the model's own objects where it detects them (None for a semantic model, whose
+        objects are the regions of its masks: `textseg.labels.instances`)."""
+        return self.score(pixel_values, prompt_embeddings), None
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from textseg.models import image_processor_config
-from textseg.models.base import ScoreKind, SegmentationBackend, default_dtype
+from textseg.models.base import Queries, ScoreKind, SegmentationBackend, default_dtype
 from textseg.models.input_spec import InputSpec, from_processor_config
 
 # (image, prompt) rows per pass through the prompt-dependent part: its pixel decoder holds
@@ -91,6 +91,14 @@ class Sam3Backend(SegmentationBackend):
         Without `presence_gate`, logits[b, p] equals `Sam3Model.forward(pixel_values=pixel_values[b:b+1],
         input_ids=..., attention_mask=...).semantic_seg[0, 0]` for prompt p, to floating-point
         reassociation."""
+        return self.score_with_queries(pixel_values, prompt_embeddings, queries=False)[0]
+
+    def score_with_queries(
+        self, pixel_values: torch.Tensor, prompt_embeddings: torch.Tensor, queries: bool = True
+    ) -> tuple[torch.Tensor, Queries | None]:
+        """`score`, plus SAM 3's queries: each one's score `sigmoid(pred_logits) * sigmoid(presence_logits)`,
+        its box and its mask logits, as `Sam3ImageProcessor.post_process_instance_segmentation` reads
+        them."""
         hidden = self.model.config.detr_encoder_config.hidden_size
         if prompt_embeddings.ndim != 3 or prompt_embeddings.shape[-1] != hidden + 1:
             raise ValueError(
@@ -104,13 +112,22 @@ class Sam3Backend(SegmentationBackend):
         passes = [
             self._score_rows(vision, prompt_embeddings, chunk) for chunk in rows.split(self.rows_per_pass)
         ]
-        logits = torch.cat(passes)
-        return logits.reshape(batch, prompts, *logits.shape[-2:])
+        logits = torch.cat([logits for logits, _ in passes])
+        logits = logits.reshape(batch, prompts, *logits.shape[-2:])
+        if not queries:
+            return logits, None
+        masks = torch.cat([found.mask_logits for _, found in passes])
+        return logits, Queries(
+            scores=torch.cat([found.scores for _, found in passes]).reshape(batch, prompts, -1),
+            boxes=torch.cat([found.boxes for _, found in passes]).reshape(batch, prompts, -1, 4),
+            mask_logits=masks.reshape(batch, prompts, *masks.shape[1:]),
+        )
 
     def _score_rows(
         self, vision: Sam3VisionEncoderOutput, prompt_embeddings: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Rows b * P + p of the (image, prompt) grid -> their logits (len(rows), h, w)."""
+    ) -> tuple[torch.Tensor, Queries]:
+        """Rows b * P + p of the (image, prompt) grid -> their logits (len(rows), h, w) and their queries
+        (scores (rows, Q), boxes (rows, Q, 4), mask logits (rows, Q, h, w))."""
         prompts = prompt_embeddings.shape[0]
         images, prompt_index = rows // prompts, rows % prompts
         features = prompt_embeddings[prompt_index]
@@ -124,12 +141,17 @@ class Sam3Backend(SegmentationBackend):
             attention_mask=features[..., -1] > 0.5,
         )
         logits = out.semantic_seg[:, 0]
+        found = Queries(
+            scores=torch.sigmoid(out.pred_logits) * torch.sigmoid(out.presence_logits),
+            boxes=out.pred_boxes,
+            mask_logits=out.pred_masks,
+        )
         if not self.presence_gate:
-            return logits
+            return logits, found
         # logit(sigmoid(s) * sigmoid(q)), in log space: stable where either probability is near 0 or 1.
         log_p = F.logsigmoid(logits.float()) + F.logsigmoid(out.presence_logits.float())[:, :, None]
         log_p = log_p.clamp(max=-1e-7)
-        return (log_p - torch.log(-torch.expm1(log_p))).to(logits.dtype)
+        return (log_p - torch.log(-torch.expm1(log_p))).to(logits.dtype), found
 
 
 def load_sam3(

@@ -24,7 +24,10 @@ INSTANCE_STRUCT = pa.struct(
         pa.field("class_index", pa.int16(), nullable=False),
         pa.field("prompt", pa.string()),  # the prompt that found it; null for a region of a class's mask
         pa.field("score", pa.float32(), nullable=False),
-        pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x0, y0, x1, y1 in full-image pixels
+        # The mask's own box (COCO's): x0, y0, x1, y1 in full-image pixels, end exclusive.
+        pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),
+        # A detector's box for the object (SAM 3's pred_boxes, same units); null for a region of a mask.
+        pa.field("detector_bbox", pa.list_(pa.float32(), 4)),
         pa.field("mask_size", pa.list_(pa.int32(), 2), nullable=False),  # height, width (COCO's `size`)
         pa.field("mask_counts", pa.string(), nullable=False),  # COCO's compressed RLE `counts`
     ]

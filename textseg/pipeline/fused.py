@@ -22,11 +22,10 @@ import pyarrow as pa
 
 from textseg.models import ModelRef
 from textseg.ontology import Ontology
-from textseg.outputs.metadata import METADATA_SCHEMA
 from textseg.pipeline.batches import Batch, batch_len, take
 from textseg.pipeline.decode import decode_stage
 from textseg.pipeline.settings import StageSettings
-from textseg.pipeline.write import write_stage
+from textseg.pipeline.write import row_schema, write_stage
 
 if TYPE_CHECKING:
     from textseg.pipeline.label import Labeler
@@ -58,7 +57,15 @@ class DecodeLabelWrite:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.labeler: Labeler = Labeler(
-            model, ontology, device, batch_size, keep_scores, settings.crashes, settings.progress, compile
+            model,
+            ontology,
+            device,
+            batch_size,
+            keep_scores,
+            settings.crashes,
+            settings.progress,
+            compile,
+            settings.instances,
         )
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -70,4 +77,4 @@ class DecodeLabelWrite:
             )
             for start in range(0, count, self.batch_size)
         ]
-        return pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
+        return pa.concat_tables(tables) if tables else row_schema(self.settings).empty_table()

@@ -15,6 +15,7 @@ is the fix).
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -23,7 +24,9 @@ import torch
 from textseg.errors import JobError, describe_exception
 from textseg.image.windows import SCORE_LEVELS
 from textseg.labels.postprocess import ClassGrouping, class_scores, label_image, labels_from_scores
+from textseg.labels.query_instances import query_instances
 from textseg.models import ModelRef, load_model, resolve_device
+from textseg.models.base import Queries
 from textseg.ontology import Ontology
 from textseg.pipeline.batches import Batch, CrashLedger, isolate, unpack_nodata
 from textseg.pipeline.settings import (
@@ -31,6 +34,7 @@ from textseg.pipeline.settings import (
     MODEL_IMAGES,
     MODEL_STARTUP_MS,
     MODELS_READY,
+    QUERY_INSTANCES,
     ProgressCounter,
 )
 
@@ -48,13 +52,15 @@ class Labeler:
         crashes: CrashLedger | None = None,
         progress: ProgressCounter | None = None,
         compile: bool = False,
+        instances: bool = False,
     ):
         """keep_scores: also ship whole images' quantized class scores (vectors need per-polygon scores);
         crashes: where a restarted actor learns which image killed it (`isolate`); progress: told when
         the model is ready and how long that took (the run summary's start-up seconds); compile: on
         CUDA, `torch.compile` the model's forward (max-autotune: CUDA graphs) for one batch shape, every
         call padded to `batch_size` (`--compile`; off until measured on the GPU it runs on). The padding
-        applies on any device, so the CPU tests check it; compilation only on CUDA."""
+        applies on any device, so the CPU tests check it; compilation only on CUDA; instances: a detector
+        backend's objects (SAM 3's queries) leave as `instances` (JSON rows) with whole images."""
         self.crashes = crashes
         self.progress = progress
         self.device = torch.device(resolve_device(device))
@@ -63,6 +69,9 @@ class Labeler:
         self._pinned: torch.Tensor | None = None  # reused host staging buffer for GPU -> CPU copies
         self._pinned_in: torch.Tensor | None = None  # and for CPU -> GPU copies of the pixels
         self.fixed_batch = compile  # every model call `batch_size` images: one compiled shape
+        self.instances = instances
+        self.class_names = list(ontology.class_names)
+        self.prompts = list(ontology.prompts)
         self._succeeded = False  # some batch went through: a later OOM is that batch's, not the job's
         started = time.perf_counter()
         try:
@@ -117,6 +126,7 @@ class Labeler:
         bins = self.grouping.num_classes + 1
         labels = np.full(count, b"", dtype=object)
         quantized_scores = np.full(count, b"", dtype=object)
+        found = np.full(count, "", dtype=object)  # JSON instance rows of a detector; "": none
         pixel_counts = np.zeros((count, bins), dtype=np.int64)
         score_sums = np.zeros((count, bins), dtype=np.float64)
         elapsed = batch["elapsed_ms"].astype(np.float64)
@@ -128,7 +138,7 @@ class Labeler:
             chunk = todo[start : start + self.batch_size]
             started = time.perf_counter()
             with torch.inference_mode():
-                logits = self._model(self._to_device(batch["pixels"][chunk]))
+                logits, queries = self._model(self._to_device(batch["pixels"][chunk]))
                 for j, i in enumerate(chunk):
                     size = (int(batch["height"][i]), int(batch["width"][i]))
                     kind = self.backend.score_kind
@@ -139,6 +149,11 @@ class Labeler:
                         quantized_scores[i] = self._to_host(quantized)
                     if batch["windowed"][i]:
                         continue
+                    if queries is not None:
+                        rows = query_instances(
+                            queries, j, size, self.grouping, self.class_names, self.prompts
+                        )
+                        found[i] = json.dumps(rows)
                     packed = unpack_nodata(batch["nodata"][i], *size)
                     nodata = None if packed is None else torch.from_numpy(packed).to(self.device)
                     result = (
@@ -158,15 +173,22 @@ class Labeler:
             class_score_sum=score_sums,
             elapsed_ms=elapsed,
         )
+        if self.instances:
+            out[QUERY_INSTANCES] = found
         return out
 
-    def _model(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, h, w, 3) on the device -> the backend's logits for those B images; with a fixed
-        batch, padded with copies of the last image to `batch_size` and the padding's logits dropped."""
+    def _model(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Queries | None]:
+        """uint8 (B, h, w, 3) on the device -> the backend's logits for those B images, and with
+        `instances` its queries (None for a semantic backend); with a fixed batch, padded with copies of
+        the last image to `batch_size` and the padding's logits dropped."""
         count = pixels.shape[0]
         if self.fixed_batch and count < self.batch_size:
             pixels = torch.cat([pixels, pixels[-1:].expand(self.batch_size - count, *pixels.shape[1:])])
-        return self._score(self.backend.normalize(pixels), self.prompt_embeddings)[:count]
+        values = self.backend.normalize(pixels)
+        if self.instances:
+            logits, queries = self.backend.score_with_queries(values, self.prompt_embeddings)
+            return logits[:count], queries
+        return self._score(values, self.prompt_embeddings)[:count], None
 
     def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
         """Model-size uint8 pixels -> a tensor on the device. To a GPU, through one reused pinned buffer

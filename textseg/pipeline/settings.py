@@ -36,6 +36,9 @@ MODELS_READY, MODEL_STARTUP_MS = "models_ready", "model_startup_ms"
 # Counted by model actors per batch they are given: model calls and the images in them (how full the
 # batches the model sees are: Ray Data may hand an actor less than the batch size it asked for).
 MODEL_CALLS, MODEL_IMAGES = "model_calls", "model_images"
+# The model stage's column of a detector's instances (SAM 3's queries), JSON rows per whole image ("" for
+# none found or a semantic backend, whose instances the write stage finds in the mask).
+QUERY_INSTANCES = "query_instances"
 
 
 SCRATCH_DIR = "_work"  # DEST/_work/<run_id>: a run's scene windows and polygon pieces, removed when it ends

@@ -9,6 +9,7 @@ row when `textseg.pipeline.scenes` assembles it.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
 from textseg.pipeline.batches import Batch, is_permanent, isolate, report_failure, unpack_nodata
 from textseg.pipeline.scenes import scene_key, write_window_error, write_window_result
-from textseg.pipeline.settings import StageSettings
+from textseg.pipeline.settings import QUERY_INSTANCES, StageSettings
 
 
 def write_stage(batch: Batch, settings: StageSettings) -> pa.Table:
@@ -71,8 +72,7 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
                         labels, georef, settings.class_names, scores, str(relpath), settings.vectors, notes
                     )
                 if settings.instances:
-                    scores = _scores(batch, i, len(settings.class_names))
-                    instances = region_instances(labels, settings.class_names, scores)
+                    instances = _instances(batch, i, labels, settings)
             except Exception as err:  # noqa: BLE001 - a failed write is this image's error row
                 error = storage.redact(f"cannot write the mask: {type(err).__name__}: {err}", secrets)
                 report_failure(error, err, str(relpath), secrets)
@@ -105,12 +105,26 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
         # Named by the batch's images, so a retried task rewrites the same part instead of adding one.
         name = hashlib.sha1("\0".join(str(r) for r in batch["relpath"]).encode()).hexdigest()[:24]
         write_geoparquet(polygons, fs, f"{root}/{VECTOR_PARTS}/part-{name}.parquet")
-    schema = METADATA_SCHEMA
-    if settings.instances:
-        schema = schema.append(pa.field(INSTANCE_FIELD, pa.list_(INSTANCE_STRUCT)))
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=row_schema(settings))
     settings.count_rows(table)
     return table
+
+
+def row_schema(settings: StageSettings) -> pa.Schema:
+    """The write stage's rows: metadata, and with --instances each image's instances beside it."""
+    if not settings.instances:
+        return METADATA_SCHEMA
+    return METADATA_SCHEMA.append(pa.field(INSTANCE_FIELD, pa.list_(INSTANCE_STRUCT)))
+
+
+def _instances(batch: Batch, i: int, labels: np.ndarray, settings: StageSettings) -> list[dict[str, Any]]:
+    """A detector's own objects (the model stage's JSON rows), else the regions of the image's mask."""
+    if QUERY_INSTANCES in batch:
+        text = str(batch[QUERY_INSTANCES][i] or "")
+        if text:
+            found: list[dict[str, Any]] = json.loads(text)
+            return found
+    return region_instances(labels, settings.class_names, _scores(batch, i, len(settings.class_names)))
 
 
 def _scores(batch: Batch, i: int, channels: int) -> np.ndarray:

@@ -288,6 +288,7 @@ def _gpu_stages(
             "crashes": crashes,
             "progress": settings.progress,
             "compile": plan.config.compile,
+            "instances": plan.config.instances,
         },
         batch_size=batch_size,
         batch_format="numpy",
