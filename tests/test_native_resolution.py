@@ -191,3 +191,16 @@ def test_window_plan_cuts_by_georeference_and_ground_sample_distance() -> None:
     # --tile-size wins, with its overlap in image pixels.
     forced = WindowPlan(300, 40, (256, 256), model_gsd=0.5).tiling(2000, 1000, utm)
     assert forced.describe == "windows of 300 px, overlap 40 px (--tile-size)"
+
+
+def test_large_photos_get_windows_of_a_large_models_own_input_size() -> None:
+    """SAM 3 reads 1008 px: its windows are exactly that, where CLIPSeg's 352 px gets 1024 px windows."""
+    from textseg.image.pieces import WindowPlan
+
+    sam3 = WindowPlan(None, 64, (1008, 1008)).tiling(5000, 3000, None)
+    clipseg = WindowPlan(None, 64, (352, 352)).tiling(5000, 3000, None)
+    assert sam3.windows and {(w.width, w.height) for w in sam3.windows} == {(1008, 1008)}
+    assert clipseg.windows and {(w.width, w.height) for w in clipseg.windows} == {(1024, 1024)}
+    assert sam3.describe.startswith("windows of 1008 px") and clipseg.describe.startswith(
+        "windows of 1024 px"
+    )

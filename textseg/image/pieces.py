@@ -9,7 +9,8 @@ A piece is a unit of work in the plan. How an image is cut (`WindowPlan.tiling`)
   model's GSD gets half-size windows, upsampled to the model's input); otherwise a window is the model's
   input size in scene pixels. A scene no larger than one window is one piece.
 - A photo (no georeference) is resized whole to the model's input, as its processor would, unless a side
-  exceeds AUTO_WINDOW_ABOVE (then AUTO_TILE_SIZE windows keep memory and detail bounded).
+  exceeds AUTO_WINDOW_ABOVE (then windows keep memory and detail bounded: AUTO_TILE_SIZE px, or the
+  model's own input size for a model that reads NATIVE_WINDOW_MIN px or more, such as SAM 3's 1008).
 - `--tile-size` overrides both: windows of that many image pixels for every image larger than it.
 
 Windows travel through the plan as separate rows and are blended back by `textseg.pipeline.scenes`, on
@@ -39,6 +40,9 @@ from textseg.models.input_spec import InputSpec
 # is), into 1024 px windows: large enough for context, small enough that a window's scores stay a few MB.
 AUTO_WINDOW_ABOVE = 4096
 AUTO_TILE_SIZE = 1024
+# A model that reads at least this many pixels a side (SAM 3: 1008) gets windows of exactly its input
+# size instead: it sees the scene at full resolution, with nothing resampled.
+NATIVE_WINDOW_MIN = 512
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,15 @@ class WindowPlan:
             return self._windows(width, height, side, overlap, "native resolution" + at)
         if max(width, height) > AUTO_WINDOW_ABOVE:
             why = f"a side above {AUTO_WINDOW_ABOVE} px"
-            return self._windows(width, height, AUTO_TILE_SIZE, self.overlap, why)
+            return self._windows(width, height, self.auto_tile_size, self.overlap, why)
         return Tiling(None, self._whole())
+
+    @property
+    def auto_tile_size(self) -> int:
+        """Windows of a large photo: the model's input side when it reads NATIVE_WINDOW_MIN px or more,
+        else AUTO_TILE_SIZE (downsampled to a small model's input, for context)."""
+        side = min(self.model_size)
+        return side if side >= NATIVE_WINDOW_MIN else AUTO_TILE_SIZE
 
     def _windows(self, width: int, height: int, side: int, overlap: int, why: str) -> Tiling:
         if max(width, height) <= side:
