@@ -25,6 +25,19 @@ def tiny_clipseg_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return make_tiny_clipseg(tmp_path_factory.mktemp("tiny-clipseg"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a loaded shared machine OpenMP threads waiting
+    for each other made a module ~10x slower (24 s vs 2.5 s measured). Modules of tiny-model checks
+    use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the whole test session (starting one costs seconds)."""

@@ -8,7 +8,7 @@ covered`, so no backend escapes the suite.
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -55,12 +55,7 @@ REFERENCE_FORWARDS: dict[str, Callable[[Any, torch.Tensor, str], torch.Tensor]] 
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CHECKPOINTS))

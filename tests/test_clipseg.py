@@ -4,7 +4,6 @@ the way the hub checkpoint does."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -30,14 +29,7 @@ PROMPTS = ["building", "a road", "water"]
 TOLERANCE = 1e-4  # fp32 on CPU; measured gaps are ~1e-7 on logits of order one
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a loaded shared machine OpenMP threads waiting
-    for each other made this module ~10x slower (24 s vs 2.5 s measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(

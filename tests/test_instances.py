@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
-from transformers import AutoTokenizer, Sam3Model
 
-from tests.tiny_models import SAM3_TINY_IMAGE_SIZE, make_tiny_sam3
+from tests.tiny_models import make_tiny_sam3, sam3_reference_outputs
 from textseg.cli import main
 from textseg.labels.instances import encode_rle, encode_rle_crop, region_instances
 from textseg.outputs.instances import INSTANCE_SCHEMA, remove_orphan_instance_parts
@@ -145,17 +144,8 @@ def sam3_reference_instances(
     `post_process_instance_segmentation` does (written out: its image processor needs torchvision):
     score = sigmoid(pred_logits) * sigmoid(presence), kept above the threshold, mask probabilities resized
     bilinearly to the image, > 0.5, boxes scaled to pixels. -> [(prompt, score, box, mask probabilities)]"""
-    model = Sam3Model.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    resized = np.array(image.resize((SAM3_TINY_IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR))
-    pixel_values = (torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
     found = []
-    for prompt in prompts:
-        tokens = tokenizer([prompt], padding="max_length", max_length=32, return_tensors="pt")
-        with torch.no_grad():
-            out = model(
-                pixel_values=pixel_values, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-            )
+    for prompt, out in zip(prompts, sam3_reference_outputs(model_dir, image, prompts), strict=True):
         scores = torch.sigmoid(out.pred_logits[0]) * torch.sigmoid(out.presence_logits[0])
         keep = scores > threshold
         probabilities = torch.nn.functional.interpolate(

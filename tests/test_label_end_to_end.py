@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoTokenizer, CLIPSegForImageSegmentation, CLIPSegProcessor, Sam3Model
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from tests.tiny_models import SAM3_TINY_IMAGE_SIZE, make_tiny_sam3
+from tests.tiny_models import make_tiny_sam3, sam3_reference_outputs
 from textseg.cli import main
 from textseg.outputs.metadata import METADATA_SCHEMA
 
@@ -61,22 +61,8 @@ def clipseg_scores(model_dir: pathlib.Path, image: Image.Image) -> torch.Tensor:
 
 
 def sam3_scores(model_dir: pathlib.Path, image: Image.Image) -> torch.Tensor:
-    """(K, h, w) `semantic_seg` logits of `Sam3Model.forward`, one forward per prompt, on pixels made
-    as Sam3ImageProcessor makes them (bilinear resize, rescale, 0.5 mean and std; written out here
-    because that class needs torchvision), tokens as Sam3Processor makes them."""
-    model = Sam3Model.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    resized = np.array(image.resize((SAM3_TINY_IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR))
-    pixel_values = (torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
-    maps = []
-    for prompt in PROMPTS:
-        tokens = tokenizer([prompt], padding="max_length", max_length=32, return_tensors="pt")
-        with torch.no_grad():
-            out = model(
-                pixel_values=pixel_values, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-            )
-        maps.append(out.semantic_seg[0, 0])
-    return torch.stack(maps)
+    """(K, h, w) `semantic_seg` logits of `Sam3Model.forward`, one forward per prompt."""
+    return torch.stack([out.semantic_seg[0, 0] for out in sam3_reference_outputs(model_dir, image, PROMPTS)])
 
 
 def reference_labels(

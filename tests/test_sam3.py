@@ -4,7 +4,6 @@ prompt) on a tiny random SAM 3 saved as transformers saves it."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,12 +27,7 @@ PROMPTS = ["building", "a road", "water"]
 TOLERANCE = 1e-4  # fp32 on CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,12 @@ import json
 import pathlib
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import (
+    AutoTokenizer,
     BertConfig,
     BertModel,
     BertTokenizer,
@@ -276,3 +279,26 @@ def make_tiny_fusion(directory: pathlib.Path) -> pathlib.Path:
     torch.manual_seed(0)
     FusionBackend(tiny_fusion_config(text_model)).eval().save_pretrained(directory)
     return directory
+
+
+def sam3_reference_outputs(model_dir: pathlib.Path, image: Image.Image, prompts: list[str]) -> list[Any]:
+    """`Sam3Model.forward` of a saved SAM 3, one call per prompt (the model card's recipe), on pixels made
+    as Sam3ImageProcessor makes them (bilinear resize, rescale, 0.5 mean and std; written out here as that
+    class needs torchvision) and tokens as Sam3Processor makes them."""
+    model = Sam3Model.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    side = model.config.vision_config.backbone_config.image_size
+    resized = np.array(image.resize((side, side), Image.Resampling.BILINEAR))
+    pixel_values = (torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    outputs = []
+    for prompt in prompts:
+        tokens = tokenizer([prompt], padding="max_length", max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            outputs.append(
+                model(
+                    pixel_values=pixel_values,
+                    input_ids=tokens.input_ids,
+                    attention_mask=tokens.attention_mask,
+                )
+            )
+    return outputs

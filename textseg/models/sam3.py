@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from textseg.models import image_processor_config
-from textseg.models.base import Queries, ScoreKind, SegmentationBackend, default_dtype
+from textseg.models.base import Queries, ScoreKind, SegmentationBackend, from_pretrained_options
 from textseg.models.input_spec import InputSpec, from_processor_config
 
 # (image, prompt) rows per pass through the prompt-dependent part: its pixel decoder holds
@@ -162,13 +162,7 @@ def load_sam3(
 ) -> Sam3Backend:
     """Load a SAM 3 checkpoint (a Hugging Face id such as "facebook/sam3", or a local `save_pretrained`
     directory with its tokenizer and processor config). Safetensors only and no remote code."""
-    model = Sam3Model.from_pretrained(
-        name_or_path,
-        dtype=dtype or default_dtype(device),
-        attn_implementation="sdpa",
-        use_safetensors=True,
-        trust_remote_code=False,
-    )
+    model = Sam3Model.from_pretrained(name_or_path, **from_pretrained_options(device, dtype))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     spec = from_processor_config(image_processor_config(name_or_path))
     backend = Sam3Backend(model, tokenizer, spec, model_id=name_or_path, presence_gate=presence_gate)
