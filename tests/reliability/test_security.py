@@ -27,6 +27,7 @@ from tests.reliability.dataset import Runs, label_args, lost_and_duplicated, tin
 from tests.reliability.faulty_s3 import FaultyS3Proxy, Rule
 from tests.s3_server import S3Server
 from textseg.cli import main
+from textseg.models.base import from_pretrained_options
 
 TEXTSEG = pathlib.Path(__file__).resolve().parents[2] / "textseg"
 IMAGES = 4
@@ -195,9 +196,14 @@ def _from_pretrained_calls() -> list[tuple[str, ast.Call]]:
 
 
 def _keyword(call: ast.Call, name: str) -> object:
+    """The constant a call passes as `name`; a call that spreads `**from_pretrained_options(...)` gets
+    what that function gives, anything else "<not a constant>"."""
     for keyword in call.keywords:
         if keyword.arg == name:
             return keyword.value.value if isinstance(keyword.value, ast.Constant) else "<not a constant>"
+        spread = keyword.value
+        if keyword.arg is None and isinstance(spread, ast.Call) and ast.unparse(spread.func) == "from_pretrained_options":
+            return from_pretrained_options("cpu", None).get(name)
     return None
 
 
