@@ -15,7 +15,9 @@ from pycocotools import mask as coco_mask
 
 from tests.tiny_models import make_tiny_sam3, sam3_reference_outputs
 from textseg.cli import main
+from textseg.image.windows import grid_windows
 from textseg.labels.instances import encode_rle, encode_rle_crop, region_instances
+from textseg.labels.scene_instances import SceneRegions
 from textseg.outputs.instances import INSTANCE_SCHEMA, remove_orphan_instance_parts
 from textseg.outputs.masks import decode_png_mask
 
@@ -61,6 +63,53 @@ def test_the_cropped_encoding_equals_pycocotools_on_the_full_mask() -> None:
         full = np.zeros((height, width), dtype=bool)
         full[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
         assert encode_rle_crop(crop, top, left, height, width) == encode_rle(full)[1]
+
+
+def _scene_label_map(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Large blobs (they cross many block borders), thin diagonal lines (they cross borders only at
+    corners), speckle and no-data pixels, of three classes."""
+    labels = np.zeros((height, width), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(6):
+        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(5, 30)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(1, 4)
+    for offset in range(-width, height, 23):
+        on_line = (yy - xx == offset) | (yy + xx == offset + width)
+        labels[on_line] = 2
+    speckle = rng.random((height, width)) < 0.03
+    labels[speckle] = rng.integers(1, 4, size=int(speckle.sum()))
+    labels[rng.random((height, width)) < 0.01] = 255
+    return labels
+
+
+@pytest.mark.parametrize("block", [1, 7, 16, 33, 200])
+def test_scene_instances_fed_block_by_block_equal_the_regions_of_the_whole_map(block: int) -> None:
+    rng = np.random.default_rng(block)
+    height, width = 61, 90
+    labels = _scene_label_map(rng, height, width)
+    scores = rng.integers(0, 256, size=(4, height, width), dtype=np.uint8)
+    names = ["background", "building", "road", "water"]
+    regions = SceneRegions(width, height, names)
+    for window in grid_windows(width, height, block):
+        regions.add(window, labels[window.slices], scores[(slice(None), *window.slices)])
+    found = regions.instances()
+    expected = region_instances(labels, names, scores)
+    assert len(found) == len(expected) > 50
+    for got, want in zip(found, expected, strict=True):
+        assert {k: v for k, v in got.items() if k != "score"} == {
+            k: v for k, v in want.items() if k != "score"
+        }
+        assert got["score"] == pytest.approx(want["score"], rel=1e-12)
+        assert np.array_equal(decode(got), decode(want))
+
+
+def test_scene_instances_refuse_blocks_out_of_order() -> None:
+    regions = SceneRegions(20, 20, ["background", "a"])
+    blocks = grid_windows(20, 20, 10)
+    labels, scores = np.ones((10, 10), dtype=np.uint8), np.zeros((2, 10, 10), dtype=np.uint8)
+    regions.add(blocks[0], labels, scores)
+    with pytest.raises(ValueError, match="row-major"):
+        regions.add(blocks[3], labels, scores)
 
 
 def test_instance_parts_without_their_metadata_part_are_removed(tmp_path: pathlib.Path) -> None:
@@ -135,6 +184,32 @@ def test_label_with_instances_writes_one_row_per_region_beside_the_metadata_once
             assert row["run_id"] == run_id
             union[mask] = row["class_index"]
         assert np.array_equal(union, np.where(labels == 255, 0, labels)), entry["relpath"]
+
+
+def test_a_windowed_scene_has_its_regions_as_instances_joined_across_window_borders(
+    tmp_path: pathlib.Path, tiny_clipseg_dir: pathlib.Path, ray_session
+) -> None:
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    pixels[40:260, 60:380] = (220, 30, 30)  # one large block across several windows
+    (tmp_path / "raw").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "raw" / "scene.png")
+    dest = tmp_path / "labels"
+    args = ["label", str(tmp_path / "raw"), str(dest), "--model", str(tiny_clipseg_dir), "--prompts",
+            "red,blue", "--threshold", "0", "--device", "cpu", "--instances", "--tile-size", "128", "--tile-overlap", "16"]  # fmt: skip
+    assert main(args) == 0
+    assert main(args) == 0  # nothing to do the second time: no instance row twice
+    (row,) = pq.read_table(dest / "metadata").to_pylist()
+    assert row["status"] == "ok" and row["tiling"].startswith("windows of 128 px"), row
+    labels = decode_png_mask((dest / "masks" / "scene.png").read_bytes())
+    rows = pq.read_table(dest / "instances").to_pylist()
+    expected = region_instances(labels, ["background", "red", "blue"])
+    assert [r["instance"] for r in rows] == list(range(len(expected)))
+    assert len(rows) == len(expected) and any(r["bbox"][2] - r["bbox"][0] > 128 for r in rows)
+    for got, want in zip(rows, expected, strict=True):
+        assert got["relpath"] == "scene.png" and 0 <= got["score"] <= 1
+        for key in ("class", "class_index", "bbox", "mask_size", "mask_counts"):
+            assert got[key] == want[key], key
 
 
 def sam3_reference_instances(

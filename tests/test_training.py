@@ -240,9 +240,10 @@ def test_cli_flags_build_the_train_config() -> None:
 
 
 def test_demo_recipe_never_trains_on_the_held_out_synonyms() -> None:
-    from textseg.training.demo import DEMO_PHRASINGS, held_out_words_in
+    from textseg.training.demo import DEMO_NEGATIVES, DEMO_PHRASINGS, held_out_words_in
     from textseg.training.synth import SYNTH_CLASSES
 
-    assert held_out_words_in(DEMO_PHRASINGS) == []
+    assert held_out_words_in(DEMO_PHRASINGS, DEMO_NEGATIVES) == []
     assert tuple(DEMO_PHRASINGS) == SYNTH_CLASSES
     assert held_out_words_in({"building": ["warehouse"]}) == ["warehouse"]
+    assert held_out_words_in({}, ["cloudy sky"]) == ["cloudy sky"]  # the unrelated concepts are held out too

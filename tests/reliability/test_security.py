@@ -202,7 +202,11 @@ def _keyword(call: ast.Call, name: str) -> object:
         if keyword.arg == name:
             return keyword.value.value if isinstance(keyword.value, ast.Constant) else "<not a constant>"
         spread = keyword.value
-        if keyword.arg is None and isinstance(spread, ast.Call) and ast.unparse(spread.func) == "from_pretrained_options":
+        if (
+            keyword.arg is None
+            and isinstance(spread, ast.Call)
+            and ast.unparse(spread.func) == "from_pretrained_options"
+        ):
             return from_pretrained_options("cpu", None).get(name)
     return None
 

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from textseg.image.windows import SCORE_LEVELS
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # a pixel touches its 8 neighbours
 
 
 def encode_rle(mask: np.ndarray) -> tuple[list[int], str]:
@@ -34,8 +34,14 @@ def encode_rle_crop(crop: np.ndarray, top: int, left: int, height: int, width: i
     columns, rows = np.nonzero(crop.T)  # column-major order, as COCO's RLE runs
     where = (columns + left).astype(np.int64) * height + rows + top
     breaks = np.nonzero(np.diff(where) != 1)[0]
-    starts = where[np.r_[0, breaks + 1]]
-    ends = where[np.r_[breaks, where.size - 1]] + 1
+    return encode_rle_runs(
+        where[np.r_[0, breaks + 1]], where[np.r_[breaks, where.size - 1]] + 1, height, width
+    )
+
+
+def encode_rle_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> str:
+    """COCO's compressed counts of an (height, width) mask given as its runs of set pixels in
+    column-major order (positions x * height + y; `starts` ascending, `ends` exclusive, runs apart)."""
     gaps = starts - np.r_[0, ends[:-1]]
     counts = np.column_stack([gaps, ends - starts]).ravel().tolist() + [height * width - int(ends[-1])]
     rle = coco_mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
@@ -53,23 +59,36 @@ def region_instances(
     for index in np.unique(labels):
         if index == 0 or index >= len(class_names):
             continue
-        regions, _ = ndimage.label(labels == index, structure=_EIGHT_CONNECTED)
+        regions, _ = ndimage.label(labels == index, structure=EIGHT_CONNECTED)
         for number, box in enumerate(ndimage.find_objects(regions), start=1):
             if box is None:
                 continue
             crop = regions[box] == number
             rows, cols = box
             score = 1.0 if scores is None else float(scores[index][box][crop].mean()) / SCORE_LEVELS
-            found.append(
-                {
-                    "class": class_names[index],
-                    "class_index": int(index),
-                    "prompt": None,
-                    "score": score,
-                    "bbox": [float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)],
-                    "detector_bbox": None,
-                    "mask_size": [height, width],
-                    "mask_counts": encode_rle_crop(crop, rows.start, cols.start, height, width),
-                }
-            )
+            counts = encode_rle_crop(crop, rows.start, cols.start, height, width)
+            bbox = (cols.start, rows.start, cols.stop, rows.stop)
+            found.append(instance_row(class_names, int(index), score, bbox, (height, width), counts))
     return found
+
+
+def instance_row(
+    class_names: list[str],
+    index: int,
+    score: float,
+    bbox: tuple[int, int, int, int],
+    size: tuple[int, int],
+    counts: str,
+) -> dict[str, Any]:
+    """One region's instance row (`textseg.outputs.instances.INSTANCE_STRUCT`): bbox x0, y0, x1, y1 (end
+    exclusive), size (height, width), counts COCO's compressed RLE."""
+    return {
+        "class": class_names[index],
+        "class_index": index,
+        "prompt": None,
+        "score": score,
+        "bbox": [float(v) for v in bbox],
+        "detector_bbox": None,
+        "mask_size": list(size),
+        "mask_counts": counts,
+    }

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from textseg import storage
 from textseg.errors import reason_category
 from textseg.image.rasters import GeoRef
-from textseg.outputs.instances import INSTANCE_FIELD, instance_rows, instances_dir
+from textseg.outputs.instances import INSTANCE_FIELD, INSTANCE_STRUCT, instance_rows, instances_dir
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -62,6 +62,14 @@ METADATA_SCHEMA = pa.schema(
         pa.field("permanent", pa.bool_()),
     ]
 )
+
+
+def stage_rows_schema(instances: bool) -> pa.Schema:
+    """What the write and scene-assembly stages hand the part writer: metadata rows, and with --instances
+    each image's instances beside them (`write_metadata_part` splits them off)."""
+    if not instances:
+        return METADATA_SCHEMA
+    return METADATA_SCHEMA.append(pa.field(INSTANCE_FIELD, pa.list_(INSTANCE_STRUCT)))
 
 
 def conform_metadata(table: pa.Table) -> pa.Table:

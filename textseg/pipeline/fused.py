@@ -22,10 +22,11 @@ import pyarrow as pa
 
 from textseg.models import ModelRef
 from textseg.ontology import Ontology
+from textseg.outputs.metadata import stage_rows_schema
 from textseg.pipeline.batches import Batch, batch_len, take
 from textseg.pipeline.decode import decode_stage
 from textseg.pipeline.settings import StageSettings
-from textseg.pipeline.write import row_schema, write_stage
+from textseg.pipeline.write import write_stage
 
 if TYPE_CHECKING:
     from textseg.pipeline.label import Labeler
@@ -77,4 +78,6 @@ class DecodeLabelWrite:
             )
             for start in range(0, count, self.batch_size)
         ]
-        return pa.concat_tables(tables) if tables else row_schema(self.settings).empty_table()
+        if not tables:
+            return stage_rows_schema(self.settings.instances).empty_table()
+        return pa.concat_tables(tables)

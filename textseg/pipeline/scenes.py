@@ -30,10 +30,12 @@ from textseg import storage
 from textseg.image import rasters
 from textseg.image.rasters import GeoRef
 from textseg.image.windows import Window, blend, grid_windows, quantize_scores
+from textseg.labels.scene_instances import SceneRegions
 from textseg.labels.vector_merge import VECTOR_PARTS
 from textseg.labels.vectors import NO_POLYGONS, image_polygons, write_geoparquet
+from textseg.outputs.instances import INSTANCE_FIELD
 from textseg.outputs.masks import encode_png_mask
-from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
+from textseg.outputs.metadata import metadata_row, stage_rows_schema
 from textseg.pipeline.batches import report_failure
 from textseg.pipeline.settings import StageSettings
 
@@ -106,16 +108,22 @@ def manifest_uris(settings: StageSettings) -> list[str]:
 
 
 def assemble_batch(batch: dict[str, np.ndarray], settings: StageSettings) -> pa.Table:
-    """Ray/in-process stage: manifest URIs (column `manifest_uri`) -> one metadata row per scene."""
+    """Ray/in-process stage: manifest URIs (column `manifest_uri`) -> one metadata row per scene (with
+    its instances beside it under --instances)."""
     table = pa.Table.from_pylist(
-        [assemble_scene(str(uri), settings) for uri in batch["manifest_uri"]], schema=METADATA_SCHEMA
+        [assemble_scene(str(uri), settings) for uri in batch["manifest_uri"]],
+        schema=stage_rows_schema(settings.instances),
     )
     settings.count_rows(table)
     return table
 
 
 def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]:
-    """Blend one scene's windows, write its mask, and return its metadata row (METADATA_SCHEMA)."""
+    """Blend one scene's windows, write its mask, and return its metadata row (`stage_rows_schema`).
+
+    Its instances (--instances) are the connected regions of the blended label map, whatever the backend:
+    a region cut by window borders is one instance (`SceneRegions`). A detector's queries (SAM 3's) belong
+    to one window each, so a scene's objects are its regions, as for the semantic backends."""
     started = time.perf_counter()
     fs, manifest_path = storage.filesystem_for(manifest_uri, settings.storage_options)
     manifest = SceneManifest.from_json(storage.read_bytes(fs, manifest_path))
@@ -138,7 +146,10 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
             error = storage.redact(f"cannot assemble the scene's mask: {type(err).__name__}: {err}", secrets)
             report_failure(error, err, manifest.relpath, secrets)
     elapsed = manifest.decode_ms + blender.model_ms + (time.perf_counter() - started) * 1000
-    return metadata_row(
+    instances = {}
+    if blender.regions is not None:
+        instances = {INSTANCE_FIELD: blender.regions.instances() if mask_uri else []}
+    return instances | metadata_row(
         source_uri=manifest.source_uri,
         relpath=manifest.relpath,
         fingerprint=manifest.fingerprint,
@@ -193,6 +204,9 @@ class _SceneBlender:
         self.model_ms = 0.0
         self.polygons: list[dict[str, Any]] = []
         self.notes: list[str] = []  # what the scene's ok row lacks, and why (`image_polygons`)
+        self.regions: SceneRegions | None = None  # the scene's instances, under --instances
+        if settings.instances:
+            self.regions = SceneRegions(manifest.width, manifest.height, settings.class_names)
 
     def blocks(self) -> Iterator[tuple[Window, np.ndarray]]:
         """(block, labels (h, w) uint8) for every BLOCK_SIZE block of the scene."""
@@ -222,13 +236,16 @@ class _SceneBlender:
                 torch.from_numpy(nodata) if nodata.any() else None,
             )
             labels = result.labels.numpy()
+            quantized = quantize_scores(scores)
+            if self.regions is not None:
+                self.regions.add(block, labels, quantized)
             georef = self.manifest.georef
             if self.settings.vectors is not None and georef is not None and not self._polygons_failed:
                 self.polygons += image_polygons(
                     labels,
                     georef.window_georef(block),
                     self.settings.class_names,
-                    quantize_scores(scores),
+                    quantized,
                     self.manifest.relpath,
                     self.settings.vectors,
                     self.notes,

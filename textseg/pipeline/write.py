@@ -23,9 +23,9 @@ from textseg.image.windows import Window
 from textseg.labels.instances import region_instances
 from textseg.labels.vector_merge import VECTOR_PARTS
 from textseg.labels.vectors import image_polygons, write_geoparquet
-from textseg.outputs.instances import INSTANCE_FIELD, INSTANCE_STRUCT
+from textseg.outputs.instances import INSTANCE_FIELD
 from textseg.outputs.masks import encode_png_mask
-from textseg.outputs.metadata import METADATA_SCHEMA, metadata_row
+from textseg.outputs.metadata import metadata_row, stage_rows_schema
 from textseg.pipeline.batches import Batch, is_permanent, isolate, report_failure, unpack_nodata
 from textseg.pipeline.scenes import scene_key, write_window_error, write_window_result
 from textseg.pipeline.settings import QUERY_INSTANCES, StageSettings
@@ -105,16 +105,9 @@ def encode_and_write(batch: Batch, settings: StageSettings) -> pa.Table:
         # Named by the batch's images, so a retried task rewrites the same part instead of adding one.
         name = hashlib.sha1("\0".join(str(r) for r in batch["relpath"]).encode()).hexdigest()[:24]
         write_geoparquet(polygons, fs, f"{root}/{VECTOR_PARTS}/part-{name}.parquet")
-    table = pa.Table.from_pylist(rows, schema=row_schema(settings))
+    table = pa.Table.from_pylist(rows, schema=stage_rows_schema(settings.instances))
     settings.count_rows(table)
     return table
-
-
-def row_schema(settings: StageSettings) -> pa.Schema:
-    """The write stage's rows: metadata, and with --instances each image's instances beside it."""
-    if not settings.instances:
-        return METADATA_SCHEMA
-    return METADATA_SCHEMA.append(pa.field(INSTANCE_FIELD, pa.list_(INSTANCE_STRUCT)))
 
 
 def _instances(batch: Batch, i: int, labels: np.ndarray, settings: StageSettings) -> list[dict[str, Any]]:

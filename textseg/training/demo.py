@@ -6,6 +6,10 @@ with the settings below; textseg/demo_model/README.md gives the command, the see
 The phrasings are what makes "house", "street", "lake" and "forest" work without ever being trained on:
 each class gets a crowd of near-synonyms, so the model learns a region of the language model's space
 per class. No phrasing contains one of the held-out words (not even "warehouse"), which a test checks.
+
+The negative prompts are concepts no tile shows, asked now and then beside the classes, that must claim
+nothing: they teach the model to abstain on a prompt for something absent. None of them is one of the
+unrelated concepts the model is scored on (`UNRELATED_CONCEPTS`), so that score is of concepts it never saw.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from textseg.training.evaluation import UNSEEN_SYNONYMS
+from textseg.training.evaluation import UNRELATED_CONCEPTS, UNSEEN_SYNONYMS
 from textseg.training.trainer import TrainConfig, train
 
 TRAIN_SEED = 1  # synthetic tiles: tile i of the training set is default_rng([TRAIN_SEED, i])
@@ -45,6 +49,12 @@ DEMO_PHRASINGS: dict[str, tuple[str, ...]] = {
         "shrubs", "bushes", "jungle", "foliage", "treetops", "copse", "tree crowns",
     ),
 }  # fmt: skip
+DEMO_NEGATIVES: tuple[str, ...] = (
+    "car", "truck", "bus", "bicycle", "train", "boat", "ship", "helicopter", "person", "crowd", "dog",
+    "horse", "cow", "bird", "fish", "flower", "snow", "ice", "glacier", "desert", "sand dune", "volcano",
+    "smoke", "fire", "tent", "statue", "flag", "umbrella", "lamp", "table", "book", "phone", "text",
+    "face", "moon",
+)  # fmt: skip
 
 
 def demo_train_config(data: str, out: str, **overrides: Any) -> TrainConfig:
@@ -53,6 +63,7 @@ def demo_train_config(data: str, out: str, **overrides: Any) -> TrainConfig:
         "data": data,
         "out": out,
         "prompt_augmentation": DEMO_PHRASINGS,
+        "negative_prompts": DEMO_NEGATIVES,
         "epochs": EPOCHS,
         "batch_size": BATCH_SIZE,
         "seed": TRAIN_SEED,
@@ -64,9 +75,12 @@ def demo_train_config(data: str, out: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def held_out_words_in(phrasings: dict[str, Sequence[str]]) -> list[str]:
-    """Phrasings that contain a held-out synonym anywhere (an empty list is what the demo needs)."""
-    return [p for group in phrasings.values() for p in group if any(w in p.lower() for w in UNSEEN_SYNONYMS)]
+def held_out_words_in(phrasings: dict[str, Sequence[str]], negatives: Sequence[str] = ()) -> list[str]:
+    """Training prompts (phrasings, negatives) that contain a held-out synonym or unrelated concept
+    anywhere (an empty list is what the demo needs)."""
+    held_out = (*UNSEEN_SYNONYMS, *UNRELATED_CONCEPTS)
+    prompts = [*(p for group in phrasings.values() for p in group), *negatives]
+    return [p for p in prompts if any(w in p.lower() for w in held_out)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

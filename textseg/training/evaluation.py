@@ -24,6 +24,12 @@ from textseg.models.base import SegmentationBackend
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 # The synonyms the demo model never saw in training, by synthetic class (building, road, water, tree).
 UNSEEN_SYNONYMS: tuple[str, ...] = ("house", "street", "lake", "forest")
+# Concepts that no synthetic tile shows and no training run of the demo model asks for: what a prompt for
+# something absent does (`unrelated_claims`). "airplane" and "cloud" were the first two a user tried.
+UNRELATED_CONCEPTS: tuple[str, ...] = (
+    "airplane", "cloud", "cat", "motorcycle", "wind turbine", "chair", "banana", "violin", "beach",
+    "skyscraper window", "football", "snowman",
+)  # fmt: skip
 
 
 def render_tiles(n: int, seed: int, size: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -103,3 +109,25 @@ def evaluate_backend(
     names = list(class_names) if class_names is not None else [group[0] for group in class_prompts]
     predictions = predict_labels(backend, images, class_prompts, thresholds)
     return miou_report(predictions, masks, names)
+
+
+def unrelated_claims(
+    backend: SegmentationBackend,
+    images: Sequence[np.ndarray],
+    class_prompts: Sequence[Sequence[str]],
+    concepts: Sequence[str],
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, dict[str, float]]:
+    """What a prompt for an absent concept takes: for each concept and each class k, the ontology with
+    class k's prompts replaced by the concept labels `images`; the concept's claim is the share of all
+    pixels labeled k. Returns {concept: {class's first prompt: share, ...}}; 0 everywhere is a model
+    that abstains."""
+    claims: dict[str, dict[str, float]] = {}
+    pixels = sum(image.shape[0] * image.shape[1] for image in images)
+    for concept in concepts:
+        claims[concept] = {}
+        for k, group in enumerate(class_prompts, start=1):
+            prompts = [[concept] if j == k else list(g) for j, g in enumerate(class_prompts, start=1)]
+            labels = predict_labels(backend, images, prompts, thresholds)
+            claims[concept][group[0]] = sum(int((lab == k).sum()) for lab in labels) / pixels
+    return claims

@@ -8,6 +8,10 @@ What one step does, and why:
   what lets unseen synonyms work. With probability `class_subset_probability` the batch asks for a
   random subset of the classes only, the others becoming background: the model must read the prompts,
   and K varies as it does for users;
+- negative prompts: with probability `negative_probability` the batch also asks for one or two concepts
+  the data never shows (`negative_prompts`, e.g. "car", "snow"), whose target is nowhere: without them a
+  prompt for an absent concept takes the pixels of whatever present class its embedding sits nearest
+  ("cloud" asked in place of water labelled the water), with them it learns to leave the pixels alone;
 - loss: cross-entropy + Dice (`losses`), plus an adversarial mask-critic term with `adversarial`.
 After every epoch: validation mIoU (class names as prompts), the best model saved with
 `save_pretrained`'s files into `out`, and the training state written for `resume`.
@@ -67,6 +71,9 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.75, 1.33)  # crop side jitter around crop_size before resizing
     dice_weight: float = 1.0
     class_subset_probability: float = 0.25
+    # Concepts absent from DATA, asked now and then beside its classes, that must claim no pixel.
+    negative_prompts: tuple[str, ...] = ()
+    negative_probability: float = 0.5
     adversarial: bool = False
     adversarial_weight: float = 0.02  # small: the critic should shape masks, not outvote the labels
     text_model: str = DEFAULT_TEXT_MODEL
@@ -101,6 +108,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="CLASS=P1,P2|FILE",
         help="extra training phrasings of a class (repeatable), or a YAML/JSON file {class: [phrasings]}",
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a concept DATA never shows, asked now and then so that it learns to claim no pixel "
+        "(repeatable)",
     )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -139,6 +154,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=args.out,
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
         prompt_augmentation=parse_prompt_augmentation(args.prompt_augmentation, storage_options),
+        negative_prompts=tuple(dict.fromkeys(p.strip() for p in args.negative_prompt if p.strip())),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -237,6 +253,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_ids, val_ids = split_indices(len(dataset.images), config.val_fraction, config.seed)
     backend.to(device)
     phrase_embeddings = [backend.embed_prompts(list(p)).detach() for p in phrasings]
+    negatives = _negative_prompts(config.negative_prompts, phrasings)
+    negative_embeddings = backend.embed_prompts(list(negatives)).detach() if negatives else None
     num_classes = len(dataset.class_names)
 
     parameters = [p for p in backend.parameters() if p.requires_grad]
@@ -275,6 +293,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             asked, prompt_embeddings, target = _sample_prompts(
                 phrase_embeddings, masks, config.class_subset_probability, rng
             )
+            if negative_embeddings is not None and rng.random() < config.negative_probability:
+                count = min(len(negatives), int(rng.integers(1, 3)))
+                picked = rng.choice(len(negatives), size=count, replace=False)
+                prompt_embeddings = torch.cat([prompt_embeddings, negative_embeddings[picked]])
             _set_lr(
                 optimizer, config.lr * _lr_factor(progress_state["step"], total_steps, config.warmup_steps)
             )
@@ -425,6 +447,15 @@ def augment_batch(
         pixels.append(patch.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0))
         masks.append(labels.to(torch.uint8))
     return torch.stack(pixels), torch.stack(masks)
+
+
+def _negative_prompts(negatives: Sequence[str], phrasings: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The negative prompts, refused when one is also a phrasing of a class (it would be taught both ways)."""
+    known = {p.lower() for group in phrasings for p in group}
+    clash = sorted(n for n in negatives if n.lower() in known)
+    if clash:
+        raise ValueError(f"negative prompts {clash} are also phrasings of DATA's classes; drop them from one")
+    return tuple(negatives)
 
 
 def _sample_prompts(
