@@ -26,6 +26,7 @@ from textseg.training.trainer import (
     STATE_JSON,
     STATE_TENSORS,
     TrainConfig,
+    _sample_prompts,
     add_train_arguments,
     parse_prompt_augmentation,
     train,
@@ -231,12 +232,14 @@ def test_cli_flags_build_the_train_config() -> None:
     add_train_arguments(parser)
     args = parser.parse_args(
         ["data/", "--out", "m/", "--epochs", "3", "--adversarial", "--classes", "tree,road",
-         "--crop-size", "0", "--prompt-augmentation", "tree=trees,woodland", "--model-option", "embed_dim=32"]
+         "--crop-size", "0", "--prompt-augmentation", "tree=trees,woodland", "--model-option", "embed_dim=32",
+         "--negative-prompt", "car", "--negative-prompt", "snow"]
     )  # fmt: skip
     config = train_config_from_args(args)
     assert config.epochs == 3 and config.adversarial and config.crop_size is None
     assert config.prompt_augmentation == {"tree": ("trees", "woodland")}
     assert config.model_options == {"embed_dim": 32} and config.classes == ("tree", "road")
+    assert config.negative_prompts == ("car", "snow")
 
 
 def test_demo_recipe_never_trains_on_the_held_out_synonyms() -> None:
@@ -247,3 +250,61 @@ def test_demo_recipe_never_trains_on_the_held_out_synonyms() -> None:
     assert tuple(DEMO_PHRASINGS) == SYNTH_CLASSES
     assert held_out_words_in({"building": ["warehouse"]}) == ["warehouse"]
     assert held_out_words_in({}, ["cloudy sky"]) == ["cloudy sky"]  # the unrelated concepts are held out too
+
+
+def test_negative_prompts_are_asked_beside_the_classes_and_no_pixel_of_the_target_is_theirs() -> None:
+    rng = np.random.default_rng(0)
+    phrases = [torch.randn(3, 8), torch.randn(2, 8)]
+    negatives = torch.randn(5, 8)
+    masks = torch.from_numpy(rng.integers(0, 3, (2, 16, 16), dtype=np.uint8))
+    seen = set()
+    for _ in range(20):
+        asked, embeddings, target = _sample_prompts(phrases, masks, 0.0, rng, negatives, 1.0)
+        extra = embeddings[len(asked) :]
+        assert asked == [1, 2] and 1 <= len(extra) <= 2
+        for row in extra:
+            (match,) = [i for i, negative in enumerate(negatives) if torch.equal(row, negative)]
+            seen.add(match)
+        assert int(target.max()) <= len(asked)  # channels past the asked classes are never a target
+    assert len(seen) > 2  # drawn from all of them
+    asked, embeddings, _ = _sample_prompts(phrases, masks, 0.0, rng, negatives, 0.0)
+    assert embeddings.shape[0] == len(asked)
+
+
+def test_a_negative_prompt_that_is_also_a_class_phrasing_is_refused(
+    folder_dataset: pathlib.Path, text_model: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    with pytest.raises(ValueError, match="phrasings of DATA's classes"):
+        train(tiny_train_config(folder_dataset, tmp_path / "m", text_model, negative_prompts=("Scarlet",)))
+
+
+def test_training_with_negative_prompts_records_them_in_its_state(
+    folder_dataset: pathlib.Path, text_model: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    out = tmp_path / "neg"
+    result = train(tiny_train_config(folder_dataset, out, text_model, epochs=1, negative_prompts=("green",)))
+    assert result["epochs_run"] == 1
+    assert json.loads((out / STATE_JSON).read_text())["train_config"]["negative_prompts"] == ["green"]
+
+
+def test_unrelated_claims_are_the_pixels_a_concept_takes_in_a_class_slot(
+    trained: tuple[dict, pathlib.Path], folder_dataset: pathlib.Path
+) -> None:
+    from textseg.models.fusion import load_fusion
+    from textseg.training.evaluation import predict_labels, unrelated_claims
+
+    _, out = trained
+    backend = load_fusion(str(out))
+    images = [
+        np.asarray(Image.open(p).convert("RGB")) for p in sorted((folder_dataset / "images").iterdir())[:6]
+    ]
+    claims = unrelated_claims(backend, images, [["red"], ["blue"]], ["violet"])
+    pixels = sum(image.shape[0] * image.shape[1] for image in images)
+    in_red = predict_labels(backend, images, [["violet"], ["blue"]])
+    in_blue = predict_labels(backend, images, [["red"], ["violet"]])
+    assert claims == {
+        "violet": {
+            "red": sum(int((labels == 1).sum()) for labels in in_red) / pixels,
+            "blue": sum(int((labels == 2).sum()) for labels in in_blue) / pixels,
+        }
+    }

@@ -291,12 +291,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 dataset, order[i * config.batch_size : (i + 1) * config.batch_size], config, rng
             )
             asked, prompt_embeddings, target = _sample_prompts(
-                phrase_embeddings, masks, config.class_subset_probability, rng
+                phrase_embeddings,
+                masks,
+                config.class_subset_probability,
+                rng,
+                negative_embeddings,
+                config.negative_probability,
             )
-            if negative_embeddings is not None and rng.random() < config.negative_probability:
-                count = min(len(negatives), int(rng.integers(1, 3)))
-                picked = rng.choice(len(negatives), size=count, replace=False)
-                prompt_embeddings = torch.cat([prompt_embeddings, negative_embeddings[picked]])
             _set_lr(
                 optimizer, config.lr * _lr_factor(progress_state["step"], total_steps, config.warmup_steps)
             )
@@ -463,11 +464,14 @@ def _sample_prompts(
     masks: torch.Tensor,
     subset_probability: float,
     rng: np.random.Generator,
+    negative_embeddings: torch.Tensor | None = None,
+    negative_probability: float = 0.0,
 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """One phrasing per asked class -> (classes asked (1..C), prompt embeddings (P, D), target (B, H, W)).
 
     The target is in channel space: 0 background (also every class not asked for), p + 1 for the p-th
-    asked class, 255 ignored.
+    asked class, 255 ignored. With probability `negative_probability`, one or two of the negative
+    prompts' embeddings follow the asked classes' as channels no pixel of the target has.
     """
     num_classes = len(phrase_embeddings)
     if num_classes > 1 and rng.random() < subset_probability:
@@ -482,6 +486,10 @@ def _sample_prompts(
     lut[num_classes + 1 :] = losses.IGNORE_INDEX
     for channel, class_index in enumerate(asked, start=1):
         lut[class_index] = channel
+    if negative_embeddings is not None and rng.random() < negative_probability:
+        count = min(len(negative_embeddings), int(rng.integers(1, 3)))
+        picked = rng.choice(len(negative_embeddings), size=count, replace=False)
+        embeddings = torch.cat([embeddings, negative_embeddings[picked]])
     return asked, embeddings, lut[masks.long()]
 
 
