@@ -196,7 +196,8 @@ def test_a_windowed_scene_has_its_regions_as_instances_joined_across_window_bord
     Image.fromarray(pixels).save(tmp_path / "raw" / "scene.png")
     dest = tmp_path / "labels"
     args = ["label", str(tmp_path / "raw"), str(dest), "--model", str(tiny_clipseg_dir), "--prompts",
-            "red,blue", "--threshold", "0", "--device", "cpu", "--instances", "--tile-size", "128", "--tile-overlap", "16"]  # fmt: skip
+            "red,blue", "--threshold", "0", "--device", "cpu", "--instances",
+            "--tile-size", "128", "--tile-overlap", "16"]  # fmt: skip
     assert main(args) == 0
     assert main(args) == 0  # nothing to do the second time: no instance row twice
     (row,) = pq.read_table(dest / "metadata").to_pylist()

@@ -177,8 +177,27 @@ class DoneIndex:
                 skips.known_bad.update(same.filter(bad)["relpath"].to_pylist())
         return skips
 
-    def _read_range(self, view_file: ViewFile, first: str, last: str) -> pa.Table:
-        """The rows of row groups whose relpath statistics overlap [first, last] (key columns only)."""
+    def latest(self, relpaths: Sequence[str], columns: Sequence[str]) -> pa.Table:
+        """The view's rows (`columns`, relpath among them) of those of `relpaths` it holds, read as the
+        skip check reads: only the row groups whose relpath range overlaps theirs."""
+        if "relpath" not in columns:
+            raise ValueError("columns must include relpath")
+        schema = pa.schema([METADATA_SCHEMA.field(c).with_nullable(True) for c in columns])
+        keys = sorted(r for r in relpaths if r)
+        if not keys:
+            return schema.empty_table()
+        wanted = pa.table({"relpath": keys})
+        tables = [
+            self._read_range(view_file, keys[0], keys[-1], columns).join(wanted, "relpath", join_type="inner")
+            for view_file in self.files
+            if not (view_file.last < keys[0] or view_file.first > keys[-1])
+        ]
+        return pa.concat_tables([t.select(list(columns)) for t in tables]) if tables else schema.empty_table()
+
+    def _read_range(
+        self, view_file: ViewFile, first: str, last: str, columns: Sequence[str] = DONE_KEY_COLUMNS
+    ) -> pa.Table:
+        """The rows of row groups whose relpath statistics overlap [first, last] (`columns` only)."""
         parquet = self._footer(view_file)
         column = parquet.schema_arrow.get_field_index("relpath")
         groups = []
@@ -186,18 +205,18 @@ class DoneIndex:
             stats = parquet.metadata.row_group(i).column(column).statistics
             if stats is None or not stats.has_min_max or not (stats.max < first or stats.min > last):
                 groups.append(i)
-        key_schema = pa.schema([METADATA_SCHEMA.field(c).with_nullable(True) for c in DONE_KEY_COLUMNS])
+        key_schema = pa.schema([METADATA_SCHEMA.field(c).with_nullable(True) for c in columns])
         if not groups:
             return key_schema.empty_table()
-        present = [c for c in DONE_KEY_COLUMNS if c in parquet.schema_arrow.names]  # older views lack some
+        present = [c for c in columns if c in parquet.schema_arrow.names]  # older views lack some
         table = storage.call_with_retry(
             lambda: parquet.read_row_groups(groups, columns=present),
             f"read the state file '{view_file.path}'",
         )
-        for name in DONE_KEY_COLUMNS:
+        for name in columns:
             if name not in present:
                 table = table.append_column(name, pa.nulls(table.num_rows, key_schema.field(name).type))
-        return table.select(list(DONE_KEY_COLUMNS))
+        return table.select(list(columns))
 
     def _footer(self, view_file: ViewFile) -> pq.ParquetFile:
         if view_file.path not in self._footers:

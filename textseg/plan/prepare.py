@@ -158,6 +158,7 @@ def prepare(config: JobConfig) -> JobPlan:
         model_id=model.model_id,
         ontology_hash=ontology.stable_hash(),
         class_names=ontology.class_names,
+        ontology=ontology.to_dict(),
         started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         shards=len(shards),
         timings_s={"planning": round(time.perf_counter() - started, 3)},

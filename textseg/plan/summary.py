@@ -30,6 +30,9 @@ class RunSummary:
     ontology_hash: str
     class_names: list[str]
     started_at: str
+    # The ontology the run labeled with, in its YAML form (prompts, thresholds, colours): what exports,
+    # reports and `textseg calibrate` read back (`textseg.datasets.labeled_dest.run_ontology`).
+    ontology: dict[str, Any] = field(default_factory=dict)
     finished_at: str | None = None
     listed: int = 0
     skipped: int = 0  # already labeled, or known bad
