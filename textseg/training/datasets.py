@@ -9,11 +9,18 @@ Two layouts are read, local or on any fsspec storage:
 Why everything is resized to the model's input size on load: at inference the caller resizes each whole
 image to `input_spec.size` before the model sees it, so training crops taken from images at that size
 show objects at exactly the scale the model will meet (scale augmentation then jitters around it).
+
+Images are read through labeling's one decode path (`textseg.image.decoding.decode_image`, then
+`resize_for_model`), so a whole image gives training exactly the pixels `textseg label` gives the model: the
+same format allowlist and decompression-bomb limit, EXIF orientation, 16-bit and alpha rules, and a JPEG's
+DCT-scaled decode. A pixel labeling calls no data (fully transparent, NaN) has no colour to learn from:
+its mask value becomes 255, which the losses and validation ignore, whatever the mask file says there. An
+image that cannot be decoded stops loading with a DatasetError naming it and the reason: training on
+fewer images than DATA holds, without the user knowing which, would change the model silently.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -23,12 +30,14 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from textseg import storage
+from textseg.image.decoding import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_for_model
 from textseg.ontology import NODATA, from_yaml_text
 from textseg.outputs.masks import decode_mask
+from textseg.source.refs import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 ONTOLOGY_FILE = "ontology.yaml"
 DATASET_FILE = "dataset.json"  # optional facts about DATA that no image holds (`gsd_m`)
 READ_THREADS = 8  # object stores answer in tens of ms; a few requests in flight keep decoding busy
@@ -66,11 +75,7 @@ class LabeledImages:
 
 
 def _filesystem(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        from textseg.storage import filesystem_for
-    except ImportError:  # storage.py is optional for training: plain fsspec resolves the same URIs
-        return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    return filesystem_for(uri, storage_options)
+    return storage.filesystem_for(uri, storage_options)
 
 
 def load_labeled_images(
@@ -158,7 +163,7 @@ def _folder_pairs(
 
     images = {}
     for path in fs.find(f"{root}/images"):
-        if path.lower().endswith(IMAGE_EXTENSIONS):
+        if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
             images[posixpath.splitext(posixpath.relpath(path, f"{root}/images"))[0]] = path
     pairs = []
     for path in sorted(fs.find(f"{root}/masks")):
@@ -219,20 +224,35 @@ def _labeled_dest_pairs(
 def _read_pair(
     pair: _Pair, size: tuple[int, int], resample: int, storage_options: Mapping[str, Any] | None
 ) -> tuple[np.ndarray, np.ndarray]:
+    """One pair -> (image (H, W, 3) uint8, mask (H, W) uint8) at `size` (height, width); the image as
+    `textseg label` decodes and resizes a whole image (module docstring), no-data pixels 255 in the mask."""
     image_fs, image_path = _filesystem(pair.image_uri, storage_options)
     mask_fs, mask_path = _filesystem(pair.mask_uri, storage_options)
-    with Image.open(io.BytesIO(image_fs.cat_file(image_path))) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
-    mask = decode_mask(mask_fs.cat_file(mask_path))  # a PNG, or the GeoTIFF of a georeferenced image
-    if mask.shape != (image.height, image.width):
+    height, width = size
+    try:
+        # The image is only ever used at `size`: a JPEG decodes no larger than that, as in labeling.
+        decoded = decode_image(
+            storage.read_bytes(image_fs, image_path),
+            max_pixels=DEFAULT_MAX_PIXELS,
+            reduce_for=lambda _width, _height: (width, height),
+        )
+    except ImageDecodeError as err:
+        raise DatasetError(
+            f"{pair.relpath}: {err} ({storage.redact_uri(pair.image_uri)}); fix or remove the image, or its "
+            "mask, to train on the rest"
+        ) from None
+    mask = decode_mask(storage.read_bytes(mask_fs, mask_path))  # a PNG, or a georeferenced image's GeoTIFF
+    if mask.shape != (decoded.height, decoded.width):
         raise DatasetError(
             f"{pair.relpath}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-            f"{image.width}x{image.height}; a mask must have its image's size"
+            f"{decoded.width}x{decoded.height}; a mask must have its image's size"
         )
-    height, width = size
-    resized = np.array(image.resize((width, height), resample=resample), dtype=np.uint8)
-    mask_image = Image.fromarray(pair.lut[mask]).resize((width, height), resample=Image.Resampling.NEAREST)
-    return resized, np.array(mask_image, dtype=np.uint8)
+    classes = pair.lut[mask]
+    if decoded.nodata is not None:  # full resolution here: only JPEGs decode reduced, and they have no alpha
+        classes[decoded.nodata] = NODATA
+    pixels = resize_for_model(decoded.image, size, resample)
+    mask_image = Image.fromarray(classes).resize((width, height), resample=Image.Resampling.NEAREST)
+    return pixels, np.array(mask_image, dtype=np.uint8)
 
 
 def _unique(items: Sequence[str]) -> tuple[str, ...]:

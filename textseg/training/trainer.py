@@ -40,6 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+from textseg.config import parse_storage_options
 from textseg.models.fusion import DEFAULT_TEXT_MODEL, FusionBackend, FusionConfig
 from textseg.training import losses
 from textseg.training.datasets import LabeledImages, load_labeled_images, read_dataset_gsd, split_indices
@@ -83,7 +84,8 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     threads: int | None = None  # torch CPU threads; None leaves torch's default
-    storage_options: Mapping[str, str] = field(default_factory=dict)
+    # fsspec options for DATA and --out, nested as `textseg label`'s (`config.parse_storage_options`).
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -148,7 +150,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The parsed `textseg train` namespace -> TrainConfig (reading a --prompt-augmentation file if given)."""
-    storage_options = _key_values(args.storage_option, "--storage-option")
+    storage_options = parse_storage_options(args.storage_option)
     return TrainConfig(
         data=args.data,
         out=args.out,
@@ -176,7 +178,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def parse_prompt_augmentation(
-    values: Sequence[str], storage_options: Mapping[str, str] | None = None
+    values: Sequence[str], storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, tuple[str, ...]]:
     """`["building=buildings,roof", "phrasings.yaml"]` -> {class: phrasings}; later values add to earlier."""
     import yaml
@@ -202,6 +204,8 @@ def parse_prompt_augmentation(
 
 
 def _key_values(items: Sequence[str], flag: str) -> dict[str, str]:
+    """`--model-option KEY=JSON` strings -> {KEY: JSON text}. Storage options are not read here: they go
+    through `parse_storage_options`, as `textseg label`'s do (dotted keys nest, values are typed)."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
