@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.textseg-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean chromium
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check textseg jobs tests benchmarks
 	$(BIN)/mypy textseg
 
-test: lint
+# The report's browser test drives a real Chromium (Debian's package; Playwright downloads nothing).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: lint chromium
 	$(BIN)/python -m pytest -q
 
 clean:
