@@ -301,7 +301,7 @@ def test_a_json_source_that_is_not_stac_is_a_listing_error(tmp_path, content, me
 
 
 def test_stac_asset_is_an_option_of_the_cli_and_of_job_files():
-    args = build_parser(with_train_options=False).parse_args(
+    args = build_parser(options_for=["label"]).parse_args(
         ["label", "catalog.json", "out", "--prompts", "a", "--stac-asset", "visual"]
     )
     assert label_config_from_args(args).stac_asset == "visual"

@@ -1,4 +1,5 @@
-"""`textseg label | errors | train | eval | synth`: parse flags into a config and call the library.
+"""`textseg label | errors | train | eval | synth | export | import-labelstudio | report | calibrate`: parse
+flags into a config and call the library.
 
 Exit status of `label`: 0 when the run finished and the failed share is at most --max-error-rate, 1 when
 more failed, 2 for a job-level problem (bad option, unknown model, unreachable SOURCE, DEST or Ray cluster,
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from textseg.config import JobConfig, parse_storage_options
@@ -23,6 +25,33 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_JOB_ERROR = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+# Commands whose options and code live in their own module (`add_arguments(parser)`, `run(args) -> int`),
+# imported only when the command runs: `textseg label` must not pay for their imports.
+# name -> (module, help, description)
+MODULE_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "export": (
+        "textseg.datasets.export",
+        "export a labeled DEST for trainers and annotation tools (COCO, YOLO, HF, CVAT, Label Studio)",
+        "Export DEST's labeled images, masks and instances to OUT in a trainer's or annotation tool's "
+        "format.",
+    ),
+    "import-labelstudio": (
+        "textseg.datasets.labelstudio",
+        "write masks corrected in Label Studio back in textseg's layout (for `textseg train`)",
+        "Read a Label Studio JSON export of BrushLabels annotations and write DEST2/masks + metadata.",
+    ),
+    "report": (
+        "textseg.datasets.report",
+        "one self-contained HTML page reviewing a labeled DEST: statistics, errors, previews",
+        "Write an HTML review of a run (or the whole DEST): class shares and scores, errors, previews.",
+    ),
+    "calibrate": (
+        "textseg.datasets.calibrate",
+        "choose per-class thresholds on a small hand-labeled set, maximizing IoU",
+        "Pick each class's threshold against hand-labeled masks; write the ontology with them.",
+    ),
+}
 
 
 def add_label_arguments(parser: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -276,7 +305,9 @@ def package_version() -> str:
         return "unknown"
 
 
-def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
+def build_parser(options_for: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `options_for`: the commands whose options to add when they live in modules
+    that take seconds to import (train's torch, MODULE_COMMANDS), None for every command."""
     parser = argparse.ArgumentParser(
         prog="textseg", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
     )
@@ -324,7 +355,7 @@ def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
         help="train the fusion model on a labeled DEST or an images/ + masks/ folder",
         description="Train textseg's fusion model (text embedding x image features) on class masks.",
     )
-    if with_train_options:  # the trainer imports torch: seconds that `textseg label` should not pay
+    if options_for is None or "train" in options_for:  # the trainer imports torch
         from textseg.training.trainer import add_train_arguments
 
         add_train_arguments(train)
@@ -350,6 +381,10 @@ def build_parser(with_train_options: bool = True) -> argparse.ArgumentParser:
         help="write one georeferenced tiled GeoTIFF scene of this size instead (UTM 33N, 0.5 m pixels)",
     )
     synth.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE")
+    for name, (module, help_text, description) in MODULE_COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=description)
+        if options_for is None or name in options_for:
+            importlib.import_module(module).add_arguments(command)
     return parser
 
 
@@ -447,7 +482,7 @@ def _stop_ray() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(with_train_options="train" in argv[:1]).parse_args(argv)
+    args = build_parser(options_for=argv[:1]).parse_args(argv)
     try:
         if args.command == "label":
             return run_label(label_config_from_args(args))
@@ -459,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_synth(args)
         if args.command == "train":
             return run_train(args)
+        if args.command in MODULE_COMMANDS:
+            return int(importlib.import_module(MODULE_COMMANDS[args.command][0]).run(args))
     except (ValueError, RuntimeError, OSError) as err:
         _stop_ray()
         print(f"textseg: {err}", file=sys.stderr)

@@ -62,8 +62,9 @@ def test_a_student_trained_on_calibrated_teacher_labels_labels_the_bucket(
     assert main([*calibrate, "--out", at("calibrated.yaml"), "--device", "cpu", "--no-progress"]) == 0
     assert main(["label", str(sample), at("teacher-2"), "--ontology", at("calibrated.yaml"), *common]) == 0
     student_options = [arg for option in STUDENT for arg in ("--model-option", option)]
-    assert main(["train", at("teacher-2"), "--out", at("student"), "--epochs", "30", "--batch-size", "4", "--image-size", "128",
-                 "--crop-size", "96", *student_options, "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert main(["train", at("teacher-2"), "--out", at("student"), "--epochs", "30", "--batch-size", "4",
+                 "--image-size", "128", "--crop-size", "96", *student_options, "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
 
     for name, model, onto in (
         ("teacher-bucket", "demo", tmp_path / "teacher.yaml"),

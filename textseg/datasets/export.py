@@ -8,13 +8,21 @@ regions of each class of its mask, and hands the writer one image at a time: mem
 a format must keep to write its index at the end, such as COCO's annotation list), whatever DEST's size.
 
 Images are referenced by their source URI (`--images uri`, the default: nothing copied) or copied into OUT
-(`--images copy`) under `images/<split>/<relpath>`, their bytes as they are in SOURCE.
+(`--images copy`) under `images/<split>/<relpath>`, their bytes as they are in SOURCE. A format whose
+readers find an image's labels from the image's own path (YOLO) needs the copies (`COPIES_REQUIRED`).
+
+Mask values and instances are as DEST has them: `item.row["class_names"]` names mask value i, and a writer
+matches classes to the export's ontology (the latest run's, or --run's) by name, since an older run may
+have labeled with other classes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +53,11 @@ FORMATS: dict[str, str] = {
     "labelstudio": "textseg.datasets.formats.labelstudio:LabelStudioWriter",
 }
 IMAGE_MODES = ("uri", "copy")
+# Formats that cannot refer to images elsewhere -> why, said when --images is not copy.
+COPIES_REQUIRED: dict[str, str] = {
+    "yolo": "YOLO trainers find an image's labels from the image's own path (.../images/... -> "
+    ".../labels/...), so the images must be copied beside the labels: add --images copy",
+}
 
 
 @dataclass(frozen=True)
@@ -103,11 +116,15 @@ def export(
     options = dict(storage_options or {})
     if images not in IMAGE_MODES:
         raise ValueError(f"--images must be one of {', '.join(IMAGE_MODES)}; got {images!r}")
+    if images != "copy" and format_name in COPIES_REQUIRED:
+        raise ValueError(COPIES_REQUIRED[format_name])
     fractions = parse_split(split)
-    runs = [run_id] if run_id else run_ids(dest, options)
+    runs = run_ids(dest, options)
     if not runs:
         raise ValueError(f"{storage.redact_uri(dest)} holds no runs")
-    writer = writer_for(format_name, out, run_ontology(dest, runs[-1], options), options)
+    if run_id is not None and run_id not in runs:
+        raise ValueError(f"{storage.redact_uri(dest)} has no run {run_id!r}; its runs: {', '.join(runs)}")
+    writer = writer_for(format_name, out, run_ontology(dest, run_id or runs[-1], options), options)
     counts: dict[str, int] = {"images": 0, "instances": 0}
     bar = tqdm(desc=f"export {format_name}", unit=" images", disable=not progress)
     for labeled in iter_labeled(dest, options, run_id, instances=True):
@@ -152,6 +169,28 @@ def _copy(source_uri: str, target_uri: str, options: Mapping[str, Any]) -> str:
     target_fs, target_path = storage.filesystem_for(target_uri, options)
     storage.write_bytes_atomic(target_fs, target_path, storage.read_bytes(source_fs, source_path))
     return target_uri
+
+
+def publish_file(local_path: str, target_uri: str, storage_options: Mapping[str, Any]) -> None:
+    """Put a finished local file (an index a writer assembled in a temporary folder, too large to hold in
+    memory) at `target_uri` so that no reader sees it half-written: on local disk as a hidden copy beside
+    the target renamed over it, on object stores as one upload (the object appears when it completes)."""
+    fs, path = storage.filesystem_for(target_uri, storage_options)
+    if not storage.is_local(fs):
+        storage.call_with_retry(
+            lambda: fs.put_file(local_path, path), f"upload '{storage.uri_for(fs, path)}'"
+        )
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f"{storage.TEMPORARY_PREFIX}{uuid.uuid4().hex}.tmp")
+    try:
+        shutil.copyfile(local_path, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
