@@ -15,11 +15,12 @@ import logging
 import os
 import random
 import re
+import shutil
 import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote
 
 import fsspec
@@ -444,12 +445,32 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     their own `pipe_file` guarantees.
     """
     if is_local(fs):
-        call_with_retry(lambda: _write_local_atomic(path, data), f"write '{path}'")
+        call_with_retry(
+            lambda: _write_local_atomic(path, lambda stream: stream.write(data)), f"write '{path}'"
+        )
     else:
         call_with_retry(lambda: fs.pipe_file(path, data), f"write '{uri_for(fs, path)}'")
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+def write_file_atomic(fs: fsspec.AbstractFileSystem, path: str, local_path: str) -> None:
+    """Publish a finished local file (an index assembled on disk, too large to hold in memory) at `path`
+    with `write_bytes_atomic`'s guarantee: a hidden copy renamed over `path` on local disk, one upload on
+    object stores (the object appears when it completes)."""
+    if is_local(fs):
+        call_with_retry(
+            lambda: _write_local_atomic(path, lambda stream: _copy_file_into(local_path, stream)),
+            f"write '{path}'",
+        )
+    else:
+        call_with_retry(lambda: fs.put_file(local_path, path), f"upload '{uri_for(fs, path)}'")
+
+
+def _copy_file_into(local_path: str, stream: BinaryIO) -> None:
+    with open(local_path, "rb") as source:
+        shutil.copyfileobj(source, stream)
+
+
+def _write_local_atomic(path: str, write: Callable[[BinaryIO], object]) -> None:
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     # Not named after the target: a long file name plus a suffix could exceed the 255-byte name limit.
@@ -458,7 +479,7 @@ def _write_local_atomic(path: str, data: bytes) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())  # without it a crash right after the rename can leave an empty file
         os.replace(temporary, path)

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -169,28 +166,6 @@ def _copy(source_uri: str, target_uri: str, options: Mapping[str, Any]) -> str:
     target_fs, target_path = storage.filesystem_for(target_uri, options)
     storage.write_bytes_atomic(target_fs, target_path, storage.read_bytes(source_fs, source_path))
     return target_uri
-
-
-def publish_file(local_path: str, target_uri: str, storage_options: Mapping[str, Any]) -> None:
-    """Put a finished local file (an index a writer assembled in a temporary folder, too large to hold in
-    memory) at `target_uri` so that no reader sees it half-written: on local disk as a hidden copy beside
-    the target renamed over it, on object stores as one upload (the object appears when it completes)."""
-    fs, path = storage.filesystem_for(target_uri, storage_options)
-    if not storage.is_local(fs):
-        storage.call_with_retry(
-            lambda: fs.put_file(local_path, path), f"upload '{storage.uri_for(fs, path)}'"
-        )
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f"{storage.TEMPORARY_PREFIX}{uuid.uuid4().hex}.tmp")
-    try:
-        shutil.copyfile(local_path, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

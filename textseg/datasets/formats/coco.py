@@ -13,9 +13,9 @@ detectron2 and mmdetection drop it from training, while none of them ties an RLE
 iscrowd=1 (pycocotools decodes RLE whatever iscrowd says). Annotation and image ids start at 1 (COCOeval
 reads id 0 as "unmatched").
 
-A split's image and annotation entries are streamed to temporary files as they come and assembled into its
-JSON at the end (`publish_file`), so memory stays one image whatever DEST's size. An instance of a class
-the export's ontology lacks (an older run's) is left out and counted.
+A split's image and annotation entries are streamed to temporary files as they come and assembled into
+its JSON at the end (published with `storage.write_file_atomic`), so memory stays one image whatever
+DEST's size. An instance of a class the export's ontology lacks (an older run's) is left out and counted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import IO, Any
 from pycocotools import mask as coco_mask
 
 from textseg import storage
-from textseg.datasets.export import ExportItem, publish_file
+from textseg.datasets.export import ExportItem
 from textseg.ontology import Ontology
 
 ANNOTATIONS_DIR = "annotations"
@@ -134,9 +134,10 @@ class CocoWriter:
                 with open(assembled, "w", encoding="utf-8") as target:
                     spool.write(target, header)
                 spool.close()
-                publish_file(
-                    assembled, storage.join_uri(self.out, annotation_path(split)), self.storage_options
+                fs, path = storage.filesystem_for(
+                    storage.join_uri(self.out, annotation_path(split)), self.storage_options
                 )
+                storage.write_file_atomic(fs, path, assembled)
                 os.unlink(assembled)
                 counts["coco annotations"] += spool.annotation_count
         finally:
