@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -158,7 +158,7 @@ def evaluate_folders(
             "with the same layout, such as DEST/masks"
         )
     if class_names is None:
-        class_names = _class_names_from_ontology(gt_fs, gt_root, gt)
+        class_names = class_names_from_ontology(gt_fs, gt_root, gt)
     if class_names is not None and not 1 <= len(class_names) <= NODATA:
         raise EvalError(f"class_names must hold background plus 0-254 classes, got {len(class_names)} names")
     labeled = _class_names_from_metadata(pred_fs, pred_root) if class_names is not None else {}
@@ -273,7 +273,7 @@ def _list_masks(fs: AbstractFileSystem, root: str, uri: str) -> dict[str, tuple[
     return masks
 
 
-def _class_names_from_ontology(fs: AbstractFileSystem, gt_root: str, gt: str) -> list[str] | None:
+def class_names_from_ontology(fs: AbstractFileSystem, gt_root: str, gt: str) -> list[str] | None:
     """Class names from `ontology.yaml` in GT or, failing that, in GT's parent; None when neither has one."""
     for folder in (gt_root, posixpath.dirname(gt_root)):
         path = posixpath.join(folder, ONTOLOGY_FILE) if folder else ONTOLOGY_FILE
@@ -319,12 +319,18 @@ class _ClassMatcher:
                 "are matched by name: label with GT's ontology, or pass --classes with GT's names in its "
                 "mask-value order"
             )
-        table = np.arange(_VALUES, dtype=np.uint8)
-        index = {name: i for i, name in enumerate(self.gt_names)}
-        for value, name in enumerate(names[1:], start=1):
-            table[value] = index[name]
         log.info("prediction classes %s matched to GT's order %s by name", pred_classes, gt_classes)
-        return table
+        return value_table(names, self.gt_names)
+
+
+def value_table(from_names: Sequence[str], to_names: Sequence[str]) -> np.ndarray:
+    """A lookup table (256 uint8) taking mask values named by `from_names` to the values `to_names` gives
+    the same classes (background first in both; 255 and unnamed values kept). The names must match."""
+    table = np.arange(_VALUES, dtype=np.uint8)
+    index = {name: i for i, name in enumerate(to_names)}
+    for value, name in enumerate(from_names[1:], start=1):
+        table[value] = index[name]
+    return table
 
 
 def _class_names_from_metadata(fs: AbstractFileSystem, pred_root: str) -> dict[str, list[str]]:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from textseg import storage
 from textseg.config import JobConfig, parse_storage_options
 from textseg.datasets.labeled_dest import LabeledImage, iter_labeled
+from textseg.evaluation import class_names_from_ontology, value_table
 from textseg.image.pieces import WindowPlan, open_source, resized
 from textseg.labels.postprocess import ClassGrouping, class_scores, labels_from_scores
 from textseg.models import (
@@ -234,8 +235,11 @@ def run_setup(dest: str, run_id: str, storage_options: Mapping[str, Any], model:
     return ScoringSetup(ref, spec, window_plan, max_pixels, threshold)
 
 
-def ground_truth(gt_masks: str, storage_options: Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
-    """GT_MASKS' masks: (its filesystem, {relpath without extension: path})."""
+def ground_truth(
+    gt_masks: str, storage_options: Mapping[str, Any]
+) -> tuple[Any, dict[str, str], list[str] | None]:
+    """GT_MASKS' masks: (its filesystem, {relpath without extension: path}, the class names of an
+    ontology.yaml in it or its parent, as `textseg eval` reads them, or None)."""
     fs, root = storage.filesystem_for(gt_masks, storage_options)
     root = root.rstrip("/")
     if not fs.isdir(root):
@@ -247,7 +251,7 @@ def ground_truth(gt_masks: str, storage_options: Mapping[str, Any]) -> tuple[Any
     }
     if not masks:
         raise ValueError(f"GT_MASKS {storage.redact_uri(gt_masks)} holds no PNG or GeoTIFF mask")
-    return fs, masks
+    return fs, masks, class_names_from_ontology(fs, root, gt_masks)
 
 
 def read_ontology(uri: str, storage_options: Mapping[str, Any], default_threshold: float) -> Ontology:
@@ -305,7 +309,7 @@ def calibrate(
     options = dict(storage_options or {})
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    gt_fs, masks = ground_truth(gt_masks, options)
+    gt_fs, masks, gt_names = ground_truth(gt_masks, options)
     matched = _matched_images(pred_dest, options, run_id, masks)
     first = next(matched, None)
     if first is None:
@@ -316,12 +320,13 @@ def calibrate(
         )
     setup = run_setup(pred_dest, first.run_id, options, model)
     classes = read_ontology(ontology, options, setup.default_threshold)
+    gt_table = _gt_to_ontology(gt_names, classes, gt_masks)
     edges = threshold_edges(classes.thresholds)
     device = resolve_device(device)
     counts = ThresholdCounts(edges, len(classes.classes), torch.device(device))
     windowed: list[str] = []
     matched_masks: set[str] = set()
-    items = _items(_chain(first, matched), setup, pred_dest, gt_fs, masks, classes, model, options)
+    items = _items(_chain(first, matched), setup, pred_dest, gt_fs, masks, gt_table, classes, model, options)
     scorer: _Scorer | None = None
     scored = 0
     bar = tqdm(desc="calibrate", unit=" images", disable=not progress)
@@ -361,6 +366,7 @@ def _items(
     dest: str,
     gt_fs: Any,
     masks: Mapping[str, str],
+    gt_table: np.ndarray | None,
     ontology: Ontology,
     model: str | None,
     options: Mapping[str, Any],
@@ -376,7 +382,7 @@ def _items(
                 f"different models or decode settings (e.g. run {labeled.run_id}): pass --run to calibrate "
                 "on one run's images"
             )
-        yield labeled, _read_item(labeled, gt_fs, masks, setup, len(ontology.classes), options)
+        yield labeled, _read_item(labeled, gt_fs, masks, gt_table, setup, len(ontology.classes), options)
 
 
 def _batched(
@@ -402,6 +408,7 @@ def _read_item(
     labeled: LabeledImage,
     gt_fs: Any,
     masks: Mapping[str, str],
+    gt_table: np.ndarray | None,
     setup: ScoringSetup,
     num_classes: int,
     options: Mapping[str, Any],
@@ -415,6 +422,8 @@ def _read_item(
     piece = resized(next(pieces), setup.input_spec)
     gt_path = masks[posixpath.splitext(labeled.relpath)[0]]
     truth = decode_mask(storage.read_bytes(gt_fs, gt_path))
+    if gt_table is not None:
+        truth = gt_table[truth]
     where = storage.redact_uri(storage.uri_for(gt_fs, gt_path))
     if truth.shape != (source.height, source.width):
         raise ValueError(
@@ -429,6 +438,19 @@ def _read_item(
             f"{num_classes} classes (0 background, 1..{num_classes} in its order, 255 ignored)"
         )
     return _Item(piece.pixels, (source.height, source.width), piece.nodata, truth)
+
+
+def _gt_to_ontology(gt_names: list[str] | None, ontology: Ontology, gt_masks: str) -> np.ndarray | None:
+    """GT values -> O's when an ontology.yaml beside GT_MASKS names its classes in another order (as
+    `textseg eval` matches classes by name); None when GT names none or the same order."""
+    if gt_names is None or gt_names == ontology.class_names:
+        return None
+    if sorted(gt_names[1:]) != sorted(ontology.class_names[1:]):
+        raise ValueError(
+            f"the ontology.yaml of GT_MASKS {storage.redact_uri(gt_masks)} names the classes "
+            f"{gt_names[1:]} but --ontology names {ontology.class_names[1:]}; classes are matched by name"
+        )
+    return value_table(gt_names, ontology.class_names)
 
 
 def _choose(
