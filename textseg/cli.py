@@ -471,9 +471,12 @@ def interrupted_sentence(err: KeyboardInterrupt) -> str:
     return "interrupted; run the same command to finish the run"
 
 
-def _stop_ray() -> None:
-    """Stop (or leave) Ray before a run's last sentence: killing its actors makes Ray's own processes
-    log to this output, and the sentence must be the last line a user reads."""
+def _stop_ray(command: str) -> None:
+    """Stop (or leave) Ray before a labeling run's last sentence: killing its actors makes Ray's own
+    processes log to this output, and the sentence must be the last line a user reads. Other commands
+    never start Ray, so they leave alone one that the calling process runs."""
+    if command != "label":
+        return
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
@@ -497,11 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in MODULE_COMMANDS:
             return int(importlib.import_module(MODULE_COMMANDS[args.command][0]).run(args))
     except (ValueError, RuntimeError, OSError) as err:
-        _stop_ray()
+        _stop_ray(args.command)
         print(f"textseg: {err}", file=sys.stderr)
         return EXIT_JOB_ERROR
     except KeyboardInterrupt as err:
-        _stop_ray()
+        _stop_ray(args.command)
         print(f"textseg: {interrupted_sentence(err)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     raise AssertionError(f"unhandled command {args.command}")
