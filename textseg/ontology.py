@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from textseg import storage
+
 BACKGROUND = 0
 NODATA = 255
 MAX_CLASSES = 254  # 1..254: 0 is background and 255 is no-data in the 8-bit mask
@@ -190,3 +192,14 @@ def from_yaml_text(text: str, default_threshold: float) -> Ontology:
     except yaml.YAMLError as err:
         raise OntologyError(f"the ontology file is not valid YAML: {err}") from err
     return from_mapping(mapping or {}, default_threshold)
+
+
+def read_ontology(uri: str, storage_options: Mapping[str, Any], default_threshold: float) -> Ontology:
+    """An ontology YAML file on local disk or any fsspec storage (`--ontology`); a missing file is an
+    OntologyError naming it."""
+    fs, path = storage.filesystem_for(uri, storage_options)
+    try:
+        text = storage.read_bytes(fs, path).decode("utf-8")
+    except FileNotFoundError:
+        raise OntologyError(f"ontology file {storage.redact_uri(uri)!r} does not exist") from None
+    return from_yaml_text(text, default_threshold)

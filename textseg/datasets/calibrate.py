@@ -58,7 +58,7 @@ from textseg.models import (
     with_presence_gate,
 )
 from textseg.models.input_spec import InputSpec
-from textseg.ontology import NODATA, Ontology, from_yaml_text
+from textseg.ontology import NODATA, Ontology, read_ontology
 from textseg.outputs.masks import MASK_SUFFIXES, decode_mask
 from textseg.outputs.metadata import summary_path
 
@@ -252,15 +252,6 @@ def ground_truth(
     if not masks:
         raise ValueError(f"GT_MASKS {storage.redact_uri(gt_masks)} holds no PNG or GeoTIFF mask")
     return fs, masks, class_names_from_ontology(fs, root, gt_masks)
-
-
-def read_ontology(uri: str, storage_options: Mapping[str, Any], default_threshold: float) -> Ontology:
-    fs, path = storage.filesystem_for(uri, storage_options)
-    try:
-        text = storage.read_bytes(fs, path).decode("utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"ontology file {storage.redact_uri(uri)!r} does not exist") from None
-    return from_yaml_text(text, default_threshold)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ class ExportItem:
     image_uri: where the image is (its SOURCE URI, or its copy under OUT with --images copy);
     image_relpath: the copy's path relative to OUT (`images/<split>/<relpath>`), None when referenced;
     mask: (H, W) uint8 class indices, 0 background, 255 no data; instances: `INSTANCE_STRUCT` rows
-    (COCO RLE at full size), DEST's own or the mask's regions (`instances_from_mask`).
+    (COCO RLE at full size), DEST's own or, for a writer that `wants_mask_regions`, the mask's regions
+    (`instances_from_mask` either way when DEST has none: then they are [] for other writers).
     """
 
     relpath: str
@@ -80,7 +81,12 @@ class ExportItem:
 
 
 class Writer(Protocol):
-    """A format's writer: built once per export, `add` per image, `close` once; returns what it wrote."""
+    """A format's writer: built once per export, `add` per image, `close` once; returns what it wrote.
+
+    `wants_mask_regions`: whether an image without DEST instance rows should come with its mask's regions
+    as instances (an object format); finding and encoding them is most of an export's time otherwise."""
+
+    wants_mask_regions: bool
 
     def __init__(self, out: str, ontology: Ontology, storage_options: Mapping[str, Any]) -> None: ...
 
@@ -125,7 +131,8 @@ def export(
     counts: dict[str, int] = {"images": 0, "instances": 0}
     bar = tqdm(desc=f"export {format_name}", unit=" images", disable=not progress)
     for labeled in iter_labeled(dest, options, run_id, instances=True):
-        item = _item(labeled, split_of(labeled.relpath, fractions, seed), out, images, options)
+        split_name = split_of(labeled.relpath, fractions, seed)
+        item = _item(labeled, split_name, out, images, writer.wants_mask_regions, options)
         writer.add(item)
         counts["images"] += 1
         counts["instances"] += len(item.instances)
@@ -135,13 +142,15 @@ def export(
     return counts | writer.close()
 
 
-def _item(labeled: LabeledImage, split: str, out: str, images: str, options: Mapping[str, Any]) -> ExportItem:
+def _item(
+    labeled: LabeledImage, split: str, out: str, images: str, regions: bool, options: Mapping[str, Any]
+) -> ExportItem:
     row = labeled.row
     mask = read_mask(str(row["mask_uri"]), options)
     instances = labeled.instances
     from_mask = instances is None
     if instances is None:
-        instances = region_instances(mask, labeled.class_names)
+        instances = region_instances(mask, labeled.class_names) if regions else []
     image_uri, image_relpath = str(row["source_uri"]), None
     if images == "copy":
         image_relpath = f"images/{split}/{labeled.relpath}"

@@ -37,7 +37,7 @@ from textseg import storage
 from textseg.config import parse_storage_options
 from textseg.datasets.formats.labelstudio import NODATA_LABEL
 from textseg.datasets.labelstudio_rle import decode_rle
-from textseg.ontology import NODATA, Ontology, from_mapping, from_yaml_text
+from textseg.ontology import NODATA, Ontology, from_mapping, read_ontology
 from textseg.outputs.masks import encode_png_mask
 from textseg.outputs.metadata import (
     METADATA_SCHEMA,
@@ -209,8 +209,7 @@ def import_labelstudio(
     dest = storage.uri_for(fs, root)  # absolute on local disk: mask_uri must not depend on the cwd
     storage.check_writable(fs, root)
     if ontology_file is not None:
-        ontology_fs, ontology_path = storage.filesystem_for(ontology_file, options)
-        ontology = from_yaml_text(storage.read_bytes(ontology_fs, ontology_path).decode(), 0.5)
+        ontology = read_ontology(ontology_file, options, 0.5)
     else:
         ontology = export_ontology(export, options)
     run_id = new_run_id(started_wall)

@@ -119,12 +119,7 @@ def load_ontology(config: JobConfig) -> Ontology:
     if config.prompts is not None:
         return ontology_mod.from_prompts(config.prompts, config.threshold)
     assert config.ontology is not None
-    fs, path = storage.filesystem_for(config.ontology, config.storage_options)
-    try:
-        text = storage.read_bytes(fs, path).decode("utf-8")
-    except FileNotFoundError as err:
-        raise ConfigError(f"ontology file {storage.redact_uri(config.ontology)!r} does not exist") from err
-    return ontology_mod.from_yaml_text(text, config.threshold)
+    return ontology_mod.read_ontology(config.ontology, config.storage_options, config.threshold)
 
 
 def prepare(config: JobConfig) -> JobPlan:

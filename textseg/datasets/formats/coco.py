@@ -86,6 +86,8 @@ def _copy_spool(spool: IO[str], target: IO[str]) -> None:
 class CocoWriter:
     """Image and annotation entries per split, streamed to a temporary folder; the JSON files at the end."""
 
+    wants_mask_regions = True  # objects: a mask's regions when DEST has no instance rows
+
     def __init__(self, out: str, ontology: Ontology, storage_options: Mapping[str, Any]) -> None:
         self.out = out
         self.storage_options = storage_options

@@ -60,6 +60,8 @@ def voc_colormap(count: int = 256) -> np.ndarray:
 class CvatWriter:
     """Class and object masks per image; labelmap.txt and the split lists at the end."""
 
+    wants_mask_regions = False  # finds the objects its class masks need itself
+
     def __init__(self, out: str, ontology: Ontology, storage_options: Mapping[str, Any]) -> None:
         names = ontology.class_names
         bad = [n for n in names[1:] if ":" in n or "\n" in n or n == names[0]]

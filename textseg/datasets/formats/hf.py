@@ -60,6 +60,8 @@ class HfWriter:
     """Each image and label appended to its split's local Arrow stream; the DatasetDict built and saved at
     the end."""
 
+    wants_mask_regions = False  # class masks only
+
     def __init__(self, out: str, ontology: Ontology, storage_options: Mapping[str, Any]) -> None:
         self.datasets = _datasets()  # fail before any image is read
         self.out = out

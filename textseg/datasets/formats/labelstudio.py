@@ -60,6 +60,8 @@ def task_file(number: int) -> str:
 class LabelStudioWriter:
     """Tasks with one brush result per class of the image's mask, written a file of them at a time."""
 
+    wants_mask_regions = False  # one brush region per class
+
     def __init__(self, out: str, ontology: Ontology, storage_options: Mapping[str, Any]) -> None:
         if NODATA_LABEL in ontology.class_names:
             raise ValueError(f"a class may not be named {NODATA_LABEL!r}: Label Studio's export uses it")

@@ -58,6 +58,8 @@ def label_line(class_id: int, polygon: np.ndarray, width: int, height: int) -> s
 class YoloWriter:
     """A label file per image; data.yaml at the end."""
 
+    wants_mask_regions = True  # objects: a mask's regions when DEST has no instance rows
+
     def __init__(self, out: str, ontology: Ontology, storage_options: Mapping[str, Any]) -> None:
         self.fs, self.root = storage.filesystem_for(out, storage_options)
         self.class_id = {name: index - 1 for index, name in enumerate(ontology.class_names) if index > 0}
