@@ -132,10 +132,13 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
     error = _first_window_error(fs, scene_dir, manifest.window_objects())
     blender = _SceneBlender(fs, scene_dir, manifest, settings)
     mask_uri = None
+    found: list[dict[str, Any]] = []  # its instances (--instances): none for an error row
     if error is None:
         try:
             _write_mask(blender.blocks(), manifest, settings)
             mask_uri = storage.join_uri(settings.dest, f"masks/{manifest.mask_relpath}")
+            if blender.regions is not None:
+                found = blender.regions.instances()
             if blender.polygons:
                 scratch_fs, scratch_root = storage.filesystem_for(
                     settings.scratch_uri, settings.storage_options
@@ -145,10 +148,9 @@ def assemble_scene(manifest_uri: str, settings: StageSettings) -> dict[str, Any]
         except Exception as err:  # noqa: BLE001 - a failed assembly is this scene's error row
             error = storage.redact(f"cannot assemble the scene's mask: {type(err).__name__}: {err}", secrets)
             report_failure(error, err, manifest.relpath, secrets)
+            found = []
     elapsed = manifest.decode_ms + blender.model_ms + (time.perf_counter() - started) * 1000
-    instances = {}
-    if blender.regions is not None:
-        instances = {INSTANCE_FIELD: blender.regions.instances() if mask_uri else []}
+    instances = {INSTANCE_FIELD: found} if settings.instances else {}
     return instances | metadata_row(
         source_uri=manifest.source_uri,
         relpath=manifest.relpath,
