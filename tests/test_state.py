@@ -11,7 +11,13 @@ import pyarrow.dataset as pads
 import pytest
 
 from textseg.outputs import state
-from textseg.outputs.metadata import METADATA_SCHEMA, write_metadata_part
+from textseg.outputs.metadata import (
+    METADATA_SCHEMA,
+    new_run_id,
+    run_order,
+    run_started_at,
+    write_metadata_part,
+)
 from textseg.outputs.state import DoneIndex, compact, latest_per_relpath, pending_runs
 
 
@@ -139,3 +145,31 @@ def test_latest_per_relpath_prefers_the_newer_run() -> None:
     latest = latest_per_relpath(table)
     assert latest["relpath"].to_pylist() == ["x.png", "y.png"]
     assert latest["source_fingerprint"].to_pylist() == ["new", "old"]
+
+
+# Two runs started within one second: the later one has the smaller random suffix; the middle id is from
+# before run ids carried a fraction of a second.
+RUNS_IN_START_ORDER = [
+    "20260101T000000.100000Z-ffffff",
+    "20260101T000000.900000Z-000000",
+    "20260101T000001Z-000000",
+    "20260101T000001.000001Z-000000",
+]
+
+
+def test_run_ids_order_by_start_time_within_one_second() -> None:
+    started = dt.datetime(2026, 1, 1, 0, 0, 0, 100_000, tzinfo=dt.timezone.utc)
+    first, second = new_run_id(started), new_run_id(started + dt.timedelta(milliseconds=1))
+    assert sorted([second, first], key=run_order) == [first, second]
+    assert sorted(reversed(RUNS_IN_START_ORDER), key=run_order) == RUNS_IN_START_ORDER
+    assert run_started_at(RUNS_IN_START_ORDER[2]) == dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.timezone.utc)
+    assert run_started_at("not-a-run") is None
+
+
+def test_latest_per_relpath_prefers_the_run_that_started_later_within_one_second() -> None:
+    # The older run's rows are stamped later (a slow run finishing after a fast one started): the start
+    # time in the id decides, not labeled_at and not the random suffix.
+    tables = [_rows(run, ["x.png"], run) for run in reversed(RUNS_IN_START_ORDER)]
+    for newer, older in zip(RUNS_IN_START_ORDER[1:], RUNS_IN_START_ORDER, strict=False):
+        pair = [t for t in tables if t["run_id"][0].as_py() in (newer, older)]
+        assert latest_per_relpath(pa.concat_tables(pair))["source_fingerprint"].to_pylist() == [newer]

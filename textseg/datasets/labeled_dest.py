@@ -29,7 +29,7 @@ from textseg.image.decoding import decode_image
 from textseg.ontology import Ontology, from_mapping
 from textseg.outputs.instances import instances_dir
 from textseg.outputs.masks import decode_mask
-from textseg.outputs.metadata import STATUS_OK, metadata_dir, summary_path
+from textseg.outputs.metadata import STATUS_OK, metadata_dir, run_order, summary_path
 from textseg.outputs.state import DoneIndex
 
 
@@ -62,7 +62,7 @@ class LabeledImage:
 def run_ids(dest: str, storage_options: Mapping[str, Any]) -> list[str]:
     """The runs that wrote metadata under DEST, oldest first (run ids sort by start time)."""
     fs, root = storage.filesystem_for(dest, storage_options)
-    return sorted(storage.names(fs, storage.join_uri(root, "metadata")))
+    return sorted(storage.names(fs, storage.join_uri(root, "metadata")), key=run_order)
 
 
 def iter_labeled(

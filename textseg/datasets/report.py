@@ -43,7 +43,7 @@ from textseg.datasets.report_stats import (
     LeastConfident,
     Reservoir,
 )
-from textseg.outputs.metadata import STATUS_ERROR, STATUS_OK, iter_errors, summary_path
+from textseg.outputs.metadata import STATUS_ERROR, STATUS_OK, iter_errors, run_order, summary_path
 from textseg.outputs.state import current_view_uris
 
 DEFAULT_SAMPLE = 24  # enough to judge a run's labels at a glance, ~1 MB of thumbnails
@@ -157,7 +157,7 @@ def _summary_run_ids(dest: str, options: Mapping[str, Any]) -> list[str]:
     """The runs with a summary under DEST/runs/, oldest first (run ids sort by start time)."""
     fs, root = storage.filesystem_for(dest, options)
     names = storage.names(fs, storage.join_uri(root, "runs"))
-    return sorted(name.removesuffix(".json") for name in names if name.endswith(".json"))
+    return sorted((name.removesuffix(".json") for name in names if name.endswith(".json")), key=run_order)
 
 
 def _read_summary(dest: str, run_id: str, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -160,18 +160,33 @@ def _bounds_wgs84(georef: GeoRef) -> tuple[list[float] | None, str]:
         return None, f"no WGS84 bounds: {type(err).__name__}: {err}"
 
 
+# A run id: its UTC start time to the microsecond, then random hex ("20250101T000000.000000Z-1a2b3c").
+# Ids made before sub-second precision ("20250101T000000Z-1a2b3c") still parse and order.
+RUN_ID_TIME = "%Y%m%dT%H%M%S.%fZ"
+_SECOND_RUN_ID_TIME = "%Y%m%dT%H%M%SZ"
+
+
 def new_run_id(now: dt.datetime | None = None) -> str:
-    """Sortable and unique: a UTC timestamp plus random hex, so two runs never share output names."""
+    """Sortable and unique: the UTC start time plus random hex, so two runs never share output names and
+    two runs started within one second still sort in the order they started."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return now.strftime(RUN_ID_TIME) + "-" + secrets.token_hex(3)
 
 
 def run_started_at(run_id: str) -> dt.datetime | None:
     """The start time a run id encodes (`new_run_id`), or None for a name that is not a run id."""
-    try:
-        return dt.datetime.strptime(run_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
-    except ValueError:
-        return None
+    stamp = run_id.split("-", 1)[0]
+    for layout in (RUN_ID_TIME, _SECOND_RUN_ID_TIME):
+        try:
+            return dt.datetime.strptime(stamp, layout).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue
+    return None
+
+
+def run_order(run_id: str) -> tuple[dt.datetime, str]:
+    """Sort key for run ids, oldest first: the start time, then the id (a name that is not a run id first)."""
+    return run_started_at(run_id) or dt.datetime.min.replace(tzinfo=dt.timezone.utc), run_id
 
 
 def metadata_dir(run_id: str) -> str:
@@ -182,7 +197,7 @@ def latest_run(dest: str, storage_options: Mapping[str, Any]) -> str | None:
     """The newest run id under DEST/metadata/ (run ids sort by start time), or None."""
     fs, root = storage.filesystem_for(dest, storage_options)
     runs = [name for name in storage.names(fs, storage.join_uri(root, "metadata")) if run_started_at(name)]
-    return max(runs, default=None)
+    return max(runs, key=run_order, default=None)
 
 
 def iter_errors(dest: str, run_id: str, storage_options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:

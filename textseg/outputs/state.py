@@ -60,6 +60,7 @@ from textseg.outputs.metadata import (
     STATUS_ERROR,
     STATUS_OK,
     conform_metadata,
+    run_order,
 )
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,11 @@ DONE_KEY_COLUMNS = ("relpath", "source_fingerprint", "model_id", "ontology_hash"
 # The columns deletion marking reads from a view file it does not otherwise rewrite.
 DELETION_COLUMNS = ("relpath", "source_uri", "status")
 
-# A run id starts with its UTC start second, "20250101T000000Z" (`textseg.outputs.metadata.new_run_id`).
-RUN_STARTED_CHARS = 16
+# A run id starts with its UTC start time (`textseg.outputs.metadata.new_run_id`); ids from before sub-second
+# precision ("20250101T000000Z-...") get a zero fraction so that both layouts order by time.
+_RUN_ID_SUFFIX = r"-.*$"
+_SECOND_STAMP = r"^(\d{8}T\d{6})Z$"
+_SECOND_STAMP_AS_MICROSECONDS = r"\1.000000Z"
 
 MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 
@@ -238,7 +242,7 @@ def pending_runs(dest: str, storage_options: Mapping[str, Any]) -> list[str]:
     fs, root = storage.filesystem_for(dest, storage_options)
     with_metadata = storage.names(fs, storage.join_uri(root, "metadata"))
     merged = set(storage.names(fs, storage.join_uri(root, MERGED_DIR)))
-    return sorted(r for r in with_metadata if r not in merged)
+    return sorted((r for r in with_metadata if r not in merged), key=run_order)
 
 
 @dataclass(frozen=True)
@@ -302,7 +306,7 @@ def update_view(
     if not run_ids:
         return ViewUpdate(index.rows)
     fs, root = storage.filesystem_for(dest, storage_options)
-    version = f"{max(run_ids)}-{secrets.token_hex(3)}"
+    version = f"{max(run_ids, key=run_order)}-{secrets.token_hex(3)}"
     parts = [
         storage.uri_for(fs, p)
         for run_id in run_ids
@@ -520,9 +524,12 @@ class _Compaction:
 
 def latest_per_relpath(table: pa.Table) -> pa.Table:
     """One row per relpath, the latest attempt, sorted by relpath. Latest: the run that started later
-    (the run id's UTC second), then the row made later, then the run id: two runs started within one
-    second (ids differ only in their random suffix) are told apart by when their rows were made."""
-    started = pc.utf8_slice_codeunits(table["run_id"], 0, RUN_STARTED_CHARS)
+    (the time its id starts with), then the row made later, then the run id: two runs whose ids carry the
+    same start time (second-precision ids of one second) are told apart by when their rows were made."""
+    stamps = pc.replace_substring_regex(table["run_id"], pattern=_RUN_ID_SUFFIX, replacement="")
+    started = pc.replace_substring_regex(
+        stamps, pattern=_SECOND_STAMP, replacement=_SECOND_STAMP_AS_MICROSECONDS
+    )
     ordered = table.append_column("_started", started).sort_by(
         [
             ("relpath", "ascending"),

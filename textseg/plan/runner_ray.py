@@ -213,10 +213,6 @@ def run_ray(plan: JobPlan, pool: ModelPool | None = None) -> RunSummary:
         # writing a single mask; this way masks land as images finish, and parts as rows add up.
         def execute() -> None:
             dataset.write_datasink(sink, ray_remote_args=PART_WRITER)
-            import os
-
-            if os.environ.get("TS_STATS"):
-                open(os.environ["TS_STATS"], "w").write(dataset.stats())
             manifests = manifest_uris(settings)
             if manifests:
                 scenes: ray.data.Dataset = ray.data.from_items([{"manifest_uri": uri} for uri in manifests])
