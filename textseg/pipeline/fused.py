@@ -46,19 +46,13 @@ class DecodeLabelWrite:
         keep_scores: bool = False,
         compile: bool = False,
         torch_threads: int | None = None,
-        keep_freed_memory: bool = False,
     ):
         """torch_threads: torch's intra-op threads in this process (the Ray plan's actors: 1, one process
-        per core, as threads would only contend); None leaves torch's default (the in-process runner).
-        keep_freed_memory: this process is the stage's own (a Ray actor): keep freed memory for the next
-        image (`textseg.pipeline.heap`)."""
+        per core, as threads would only contend); None leaves torch's default (the in-process runner)."""
         import torch  # here, not at import: the driver names this class for Ray without loading torch
 
-        from textseg.pipeline import heap
         from textseg.pipeline.label import Labeler
 
-        if keep_freed_memory:
-            heap.keep_freed_memory()
         self.settings = settings
         self.batch_size = batch_size
         if torch_threads is not None:

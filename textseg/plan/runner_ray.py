@@ -203,7 +203,6 @@ def run_ray(plan: JobPlan, pool: ModelPool | None = None) -> RunSummary:
                     "keep_scores": config.keeps_scores,
                     "compile": config.compile,
                     "torch_threads": CPU_ACTOR_THREADS,
-                    "keep_freed_memory": True,
                 },
                 batch_size=WORK_BLOCK_ROWS,
                 batch_format="numpy",
